@@ -1,0 +1,13 @@
+"""Errors a user can act on. Every message names the file, key or value and says what was expected."""
+
+
+class FlashError(Exception):
+    """Base class for errors caused by input (files, arguments); the CLI prints them as one line."""
+
+
+class CheckpointError(FlashError, ValueError):
+    """A weights file is unreadable, incomplete, of the wrong architecture or of the wrong shape."""
+
+
+class TokenizerNotFoundError(FlashError, FileNotFoundError):
+    """No tokenizer files were found where they were looked for."""

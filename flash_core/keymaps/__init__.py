@@ -1,0 +1,1 @@
+"""Key mappings between the official (Stability / ComfyUI) layout and diffusers, one module per component."""
