@@ -1,0 +1,557 @@
+"""Checkpoint I/O: official single files, split files and diffusers folders (sharded too); metadata; errors.
+
+Layouts are described in CHECKPOINTS.md. Everything is read with safetensors; pickle files are refused.
+Tensors are indexed first (names, shapes and dtypes from the headers) and read only when needed, so
+``sd35-flash info`` never loads weights and a component is read without touching the others.
+
+Official names are the working names of this project: a diffusers MM-DiT or VAE is converted on load
+(:mod:`.keymaps`), text encoders are in Hugging Face layout in every format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+from .keymaps import mmdit as mmdit_keys
+from .keymaps import vae as vae_keys
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+# Official single-file prefixes (CHECKPOINTS.md section 1).
+MMDIT_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = {
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5": "text_encoders.t5xxl.transformer.",
+}
+# diffusers folder: component -> subfolder (CHECKPOINTS.md section 2).
+DIFFUSERS_FOLDERS = {
+    "mmdit": "transformer",
+    "vae": "vae",
+    "clip_l": "text_encoder",
+    "clip_g": "text_encoder_2",
+    "t5": "text_encoder_3",
+}
+COMPONENTS = ("mmdit", "vae", "clip_l", "clip_g", "t5")
+
+METADATA_PREFIX = "sd35_flash."
+FORMAT_VERSION = 1
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+# Keys that identify model families we do not run, to say what a wrong file is.
+_FOREIGN_FAMILIES = {
+    "input_blocks.": "an SD1.x/SD2.x/SDXL UNet",
+    "double_blocks.": "a Flux transformer",
+    "down_blocks.": "a diffusers UNet",
+    "model.diffusion_model.input_blocks.": "an SD1.x/SD2.x/SDXL UNet checkpoint",
+    "model.diffusion_model.double_blocks.": "a Flux checkpoint",
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading safetensors files lazily
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives, and its header facts."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"'{path}' is a pickle file ({path.suffix}); pickle files can run code when loaded and are refused. "
+            "Convert it to .safetensors (for example with safetensors.torch.save_file) and load that."
+        )
+
+
+def _open(path: Path):
+    refuse_pickle(path)
+    if not path.is_file():
+        raise CheckpointError(f"'{path}' does not exist or is not a file")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as err:
+        detail = str(err)
+        if "not fully covered" in detail or "incomplete" in detail:
+            reason = "it is truncated (the header lists more bytes than the file holds); download it again"
+        else:
+            reason = f"it is not a safetensors file ({detail})"
+        raise CheckpointError(f"cannot read '{path}': {reason}") from None
+
+
+def index_file(path: str | os.PathLike, strip: str = "", add: str = "") -> dict[str, TensorRef]:
+    """Header-only index of a safetensors file: ``{name: TensorRef}``, optionally re-prefixed."""
+    path = Path(path)
+    refs = {}
+    with _open(path) as handle:
+        for key in handle.keys():
+            tensor_slice = handle.get_slice(key)
+            dtype = _DTYPES.get(tensor_slice.get_dtype())
+            if dtype is None:
+                raise CheckpointError(f"'{path}' key '{key}' has dtype {tensor_slice.get_dtype()}, which torch cannot hold")
+            name = add + (key[len(strip):] if strip and key.startswith(strip) else key)
+            refs[name] = TensorRef(path, key, tuple(tensor_slice.get_shape()), dtype)
+    return refs
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The raw ``__metadata__`` of a safetensors file (``{}`` if none)."""
+    with _open(Path(path)) as handle:
+        return dict(handle.metadata() or {})
+
+
+def materialize(refs: Mapping[str, TensorRef], dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read the referenced tensors (floating ones cast to ``dtype`` when given), one file open at a time."""
+    by_file: dict[Path, list[tuple[str, TensorRef]]] = {}
+    for name, ref in refs.items():
+        by_file.setdefault(ref.file, []).append((name, ref))
+    out = {}
+    for file, items in by_file.items():
+        with _open(file) as handle:
+            for name, ref in items:
+                try:
+                    tensor = handle.get_tensor(ref.key)
+                except SafetensorError as err:
+                    raise CheckpointError(f"cannot read key '{ref.key}' of '{file}': {err}") from None
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                out[name] = tensor.to(device)
+    return out
+
+
+def shapes_only(refs: Mapping[str, TensorRef]) -> dict[str, torch.Tensor]:
+    """Meta tensors with the right shapes and dtypes: enough to infer an architecture without reading weights."""
+    return {name: torch.empty(ref.shape, dtype=ref.dtype, device="meta") for name, ref in refs.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Layouts
+
+
+@dataclass
+class CheckpointFiles:
+    """A checkpoint's tensors, split into components with official names (prefixes stripped).
+
+    ``mmdit`` and ``vae`` keys are official names; text encoders are Hugging Face layout. ``sources`` says
+    which file each component came from; ``metadata`` is our ``__metadata__`` (from the MM-DiT's file).
+    """
+
+    components: dict[str, dict[str, TensorRef]] = field(default_factory=dict)
+    sources: dict[str, list[Path]] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    layout: str = ""
+    diffusers_keys: set[str] = field(default_factory=set)   # components stored with diffusers names
+
+    def has(self, component: str) -> bool:
+        return bool(self.components.get(component))
+
+
+def _classify_unprefixed(refs: Mapping[str, TensorRef]) -> str | None:
+    """Which component a bare (prefix-free) file holds, or None."""
+    keys = refs.keys()
+    if "joint_blocks.0.context_block.attn.qkv.weight" in keys or "x_embedder.proj.weight" in keys:
+        return "mmdit"
+    if "transformer_blocks.0.attn.add_q_proj.weight" in keys and "pos_embed.proj.weight" in keys:
+        return "mmdit_diffusers"
+    if "decoder.conv_out.weight" in keys or "encoder.conv_in.weight" in keys:
+        return "vae_diffusers" if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys) else "vae"
+    if "encoder.block.0.layer.0.SelfAttention.q.weight" in keys or "shared.weight" in keys:
+        return "t5"
+    if "text_model.embeddings.token_embedding.weight" in keys:
+        width = refs["text_model.embeddings.token_embedding.weight"].shape[1]
+        return "clip_l" if width == 768 else "clip_g" if width == 1280 else "clip"
+    return None
+
+
+def _foreign_family(keys: Iterable[str]) -> str | None:
+    for key in keys:
+        for marker, family in _FOREIGN_FAMILIES.items():
+            if key.startswith(marker):
+                return family
+    return None
+
+
+def _split_single_file(refs: dict[str, TensorRef], path: Path) -> CheckpointFiles:
+    files = CheckpointFiles(layout="official single file")
+    prefixes = {"mmdit": MMDIT_PREFIX, "vae": VAE_PREFIX, **TEXT_PREFIXES}
+    for component, prefix in prefixes.items():
+        part = {k[len(prefix):]: r for k, r in refs.items() if k.startswith(prefix)}
+        if part:
+            files.components[component] = part
+            files.sources[component] = [path]
+    return files
+
+
+def index_checkpoint(path: str | os.PathLike, component: str | None = None) -> CheckpointFiles:
+    """Index a checkpoint in any supported layout: an official single file (with or without text encoders),
+    a single component file (MM-DiT, VAE, CLIP or T5; official or diffusers names), or a diffusers folder.
+
+    ``component`` names the slot a separate file was given for (``clip_l``, ``clip_g``, ...): a bare CLIP
+    file then goes to that slot whatever its width (the text encoder checks the width it expects).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _index_diffusers_folder(path)
+    refs = index_file(path)
+    metadata = read_metadata(path)
+    if any(k.startswith((MMDIT_PREFIX, VAE_PREFIX, "text_encoders.")) for k in refs):
+        files = _split_single_file(refs, path)
+    else:
+        kind = _classify_unprefixed(refs)
+        if kind is None:
+            family = _foreign_family(refs)
+            found = f"it looks like {family}" if family else f"its first keys are {sorted(refs)[:3]}"
+            raise CheckpointError(
+                f"'{path}' is not an SD3-class checkpoint: {found}. Expected an MM-DiT "
+                f"('{MMDIT_PREFIX}joint_blocks.0.context_block.attn.qkv.weight'), a VAE, or SD3 text encoders."
+            )
+        files = CheckpointFiles(layout="single component file")
+        found = kind.removesuffix("_diffusers")
+        if found in ("clip", "clip_l", "clip_g") and component in ("clip_l", "clip_g"):
+            found = component
+        elif found == "clip":
+            width = refs["text_model.embeddings.token_embedding.weight"].shape[1]
+            raise CheckpointError(
+                f"'{path}' holds a CLIP text encoder of width {width}; SD3 uses CLIP-L (768) and CLIP-G (1280)"
+            )
+        files.components[found] = refs
+        files.sources[found] = [path]
+        if kind.endswith("_diffusers"):
+            files.diffusers_keys.add(found)
+    files.metadata = metadata
+    _check_mmdit_family(files, path)
+    return files
+
+
+def _check_mmdit_family(files: CheckpointFiles, path: Path) -> None:
+    mmdit = files.components.get("mmdit")
+    if mmdit is None or "mmdit" in files.diffusers_keys:
+        return
+    required = "joint_blocks.0.context_block.attn.qkv.weight"
+    if required not in mmdit:
+        family = _foreign_family(f"{MMDIT_PREFIX}{k}" for k in mmdit)
+        found = f"it looks like {family}" if family else "its diffusion model has no joint blocks"
+        raise CheckpointError(
+            f"'{path}' is not an SD3-class checkpoint: {found}; expected the key '{MMDIT_PREFIX}{required}'"
+        )
+
+
+def _index_component_folder(folder: Path) -> dict[str, TensorRef]:
+    """All tensors of one diffusers component folder: a single file, or shards listed in an index json."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"'{indexes[0]}' is not a valid shard index (no 'weight_map'): {err}") from None
+        refs = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / shard
+            if not shard_path.exists():
+                raise CheckpointError(f"shard '{shard_path}' listed in '{indexes[0]}' is missing")
+            refs.update(index_file(shard_path))
+        missing = sorted(set(weight_map) - set(refs))
+        if missing:
+            raise CheckpointError(f"'{indexes[0]}' lists key '{missing[0]}', which none of its shards holds")
+        return refs
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            refuse_pickle(pickles[0])
+        raise CheckpointError(f"'{folder}' holds no .safetensors weights")
+    refs = {}
+    for file in files:
+        refs.update(index_file(file))
+    return refs
+
+
+def _index_diffusers_folder(root: Path) -> CheckpointFiles:
+    files = CheckpointFiles(layout="diffusers folder")
+    for component, sub in DIFFUSERS_FOLDERS.items():
+        folder = root / sub
+        if not folder.is_dir():
+            continue
+        files.components[component] = _index_component_folder(folder)
+        files.sources[component] = sorted({r.file for r in files.components[component].values()})
+        if component in ("mmdit", "vae"):
+            files.diffusers_keys.add(component)
+    if not files.components:
+        raise CheckpointError(
+            f"'{root}' is a folder but not a diffusers SD3 folder: expected subfolders "
+            f"{', '.join(DIFFUSERS_FOLDERS.values())} (at least '{DIFFUSERS_FOLDERS['mmdit']}')"
+        )
+    if files.has("mmdit"):
+        files.metadata = read_metadata(files.sources["mmdit"][0])
+    return files
+
+
+# --------------------------------------------------------------------------------------------------------
+# Whole-checkpoint key conversion
+
+
+def official_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official names -> diffusers names.
+
+    A bare MM-DiT state dict (``joint_blocks...``) gives bare diffusers transformer keys; a single-file
+    checkpoint (``model.diffusion_model.``, ``first_stage_model.``, ``text_encoders.*``) gives keys prefixed
+    with the diffusers subfolder (``transformer.``, ``vae.``, ``text_encoder.``, ``text_encoder_2.``,
+    ``text_encoder_3.``). Exactly inverted by :func:`diffusers_to_official`.
+    """
+    if not any(k.startswith((MMDIT_PREFIX, VAE_PREFIX, "text_encoders.")) for k in sd):
+        return mmdit_keys.official_to_diffusers(sd)
+    out: dict[str, torch.Tensor] = {}
+    for component, part in _split_prefixed(sd).items():
+        if component == "mmdit":
+            part = mmdit_keys.official_to_diffusers(part)
+        elif component == "vae":
+            part = vae_keys.official_to_diffusers(part)
+        folder = DIFFUSERS_FOLDERS[component]
+        out.update({f"{folder}.{k}": v for k, v in part.items()})
+    return out
+
+
+def diffusers_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers names -> official names; the inverse of :func:`official_to_diffusers`."""
+    folder_to_component = {folder: comp for comp, folder in DIFFUSERS_FOLDERS.items()}
+    if not any(k.split(".", 1)[0] in folder_to_component for k in sd):
+        return mmdit_keys.diffusers_to_official(sd)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        folder, _, rest = key.partition(".")
+        if folder not in folder_to_component:
+            raise CheckpointError(f"key '{key}' does not start with a diffusers component folder "
+                                  f"({', '.join(DIFFUSERS_FOLDERS.values())})")
+        parts.setdefault(folder_to_component[folder], {})[rest] = value
+    out: dict[str, torch.Tensor] = {}
+    prefixes = {"mmdit": MMDIT_PREFIX, "vae": VAE_PREFIX, **TEXT_PREFIXES}
+    for component, part in parts.items():
+        if component == "mmdit":
+            part = mmdit_keys.diffusers_to_official(part)
+        elif component == "vae":
+            part = vae_keys.diffusers_to_official(part)
+        out.update({prefixes[component] + k: v for k, v in part.items()})
+    return out
+
+
+def _split_prefixed(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    prefixes = {"mmdit": MMDIT_PREFIX, "vae": VAE_PREFIX, **TEXT_PREFIXES}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        for component, prefix in prefixes.items():
+            if key.startswith(prefix):
+                parts.setdefault(component, {})[key[len(prefix):]] = value
+                break
+        else:
+            raise CheckpointError(f"key '{key}' has none of the official prefixes ({', '.join(prefixes.values())})")
+    return parts
+
+
+def component_state_dict(files: CheckpointFiles, component: str, dtype: torch.dtype | None = None,
+                         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read one component's tensors, converted to official names."""
+    if not files.has(component):
+        raise CheckpointError(f"the checkpoint has no {component} weights")
+    sd = materialize(files.components[component], dtype, device)
+    if component in files.diffusers_keys:
+        sd = (mmdit_keys if component == "mmdit" else vae_keys).diffusers_to_official(sd)
+    return sd
+
+
+def component_shapes(files: CheckpointFiles, component: str) -> dict[str, torch.Tensor]:
+    """Meta tensors (official names) for one component: architecture inference without reading weights."""
+    sd = shapes_only(files.components[component])
+    if component in files.diffusers_keys:
+        sd = (mmdit_keys if component == "mmdit" else vae_keys).diffusers_to_official(sd)
+    return sd
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building modules from weights
+
+
+def load_module_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True, assign=True)`` with errors that name the key and the expected shape."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing:
+        raise CheckpointError(f"{what}: missing key '{missing[0]}' (and {len(missing) - 1} more)"
+                              if len(missing) > 1 else f"{what}: missing key '{missing[0]}'")
+    if unexpected:
+        raise CheckpointError(f"{what}: unexpected key '{unexpected[0]}'"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                              + "; the architecture inferred from the weights has no such parameter")
+    for key, tensor in expected.items():
+        if tuple(sd[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{what}: key '{key}' has shape {tuple(sd[key].shape)}, expected "
+                                  f"{tuple(tensor.shape)} for the architecture inferred from the other weights")
+    module.load_state_dict(dict(sd), strict=True, assign=True)
+
+
+def load_mmdit(path_or_state_dict, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Build the MM-DiT from a file, a folder or a state dict (official or diffusers names, any prefix).
+
+    The architecture is inferred from the weights (CHECKPOINTS.md "Architecture inferred ...");
+    ``dtype=None`` keeps the stored dtype.
+    """
+    from .mmdit import MMDiT, MMDiTConfig
+
+    if isinstance(path_or_state_dict, Mapping):
+        sd, what = _mmdit_from_mapping(path_or_state_dict), "the MM-DiT state dict"
+    else:
+        files = index_checkpoint(path_or_state_dict)
+        if not files.has("mmdit"):
+            raise CheckpointError(f"'{path_or_state_dict}' holds no MM-DiT (diffusion model) weights; "
+                                  f"found: {', '.join(files.components) or 'nothing'}")
+        sd, what = component_state_dict(files, "mmdit"), f"'{files.sources['mmdit'][0]}'"
+    config = MMDiTConfig.from_state_dict(sd)
+    dtype = dtype or sd["x_embedder.proj.weight"].dtype
+    with torch.device("meta"):
+        model = MMDiT(config, dtype=dtype)
+    load_module_strict(model, {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+                               for k, v in sd.items()}, what)
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(sd: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu", what: str = "the VAE state dict"):
+    """Build the SD3 VAE from official- or diffusers-named weights, architecture inferred from them."""
+    from .vae import SD3VAE, VAEConfig
+
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        sd = vae_keys.diffusers_to_official(sd)
+    config = VAEConfig.from_state_dict(sd)
+    with torch.device("meta"):
+        vae = SD3VAE(config, dtype=dtype)
+    load_module_strict(vae, {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, what)
+    return vae.eval().requires_grad_(False)
+
+
+def _mmdit_from_mapping(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if any(k.startswith(MMDIT_PREFIX) for k in sd):
+        return {k[len(MMDIT_PREFIX):]: v for k, v in sd.items() if k.startswith(MMDIT_PREFIX)}
+    if any(k.startswith("model.") for k in sd):
+        return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    if "transformer_blocks.0.attn.add_q_proj.weight" in sd:
+        return mmdit_keys.diffusers_to_official(sd)
+    return dict(sd)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Metadata and writing
+
+
+@dataclass
+class FlashMetadata:
+    """What this project writes into ``__metadata__`` (CHECKPOINTS.md "What this project writes")."""
+
+    architecture: dict | None = None
+    student_sigmas: list[float] | None = None
+    sampler_mode: str | None = None
+    t5: str | None = None            # e.g. "optional: 77 CLIP tokens when off"
+    quantization: str | None = None  # e.g. "bf16", "int8-weight-only"
+    training: dict | None = None     # stage, iterations, config hash
+    format_version: int = FORMAT_VERSION
+
+    def to_safetensors(self) -> dict[str, str]:
+        out = {}
+        for name, value in vars(self).items():
+            if value is not None:
+                out[METADATA_PREFIX + name] = value if isinstance(value, str) else json.dumps(value)
+        return out
+
+    @classmethod
+    def from_safetensors(cls, raw: Mapping[str, str], source: str = "metadata") -> FlashMetadata:
+        fields = {}
+        for name in cls.__dataclass_fields__:
+            value = raw.get(METADATA_PREFIX + name)
+            if value is None:
+                continue
+            if name in ("sampler_mode", "t5", "quantization"):
+                fields[name] = value
+                continue
+            try:
+                fields[name] = json.loads(value)
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{source}: '{METADATA_PREFIX}{name}' is not valid JSON: {value[:80]!r}") from None
+        return cls(**fields)
+
+    @property
+    def is_flash(self) -> bool:
+        return self.student_sigmas is not None
+
+
+def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file through a temporary file and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(_unshared(tensors), tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors with no two sharing storage (tied weights are written twice, as safetensors requires)."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        out[key] = tensor.clone() if ptr in seen else tensor
+        if ptr is not None:
+            seen.add(ptr)
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike, *, mmdit=None, vae=None, clip_l=None, clip_g=None, t5=None,
+                    metadata: FlashMetadata | None = None) -> Path:
+    """Write an official single-file checkpoint (the layout ComfyUI's checkpoint loader reads).
+
+    Each argument is a module or a state dict (official names for MM-DiT and VAE, HF layout for text encoders).
+    """
+    def state(x):
+        return x.state_dict() if isinstance(x, torch.nn.Module) else x
+
+    prefixes = {"mmdit": MMDIT_PREFIX, "vae": VAE_PREFIX, **TEXT_PREFIXES}
+    tensors = {}
+    for component, value in {"mmdit": mmdit, "vae": vae, "clip_l": clip_l, "clip_g": clip_g, "t5": t5}.items():
+        if value is not None:
+            tensors.update({prefixes[component] + k: v.detach().cpu() for k, v in state(value).items()})
+    meta = metadata or FlashMetadata()
+    if mmdit is not None and meta.architecture is None and hasattr(mmdit, "config"):
+        meta.architecture = mmdit.config.to_dict()
+    return atomic_save(tensors, path, meta.to_safetensors())

@@ -1,0 +1,129 @@
+"""What a checkpoint holds, from its headers alone: layout, components, architecture, dtypes, sizes, metadata."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .checkpoint import CheckpointFiles, FlashMetadata, TensorRef, component_shapes, index_checkpoint
+
+COMPONENT_NAMES = {
+    "mmdit": "MM-DiT",
+    "vae": "VAE",
+    "clip_l": "CLIP-L",
+    "clip_g": "CLIP-G",
+    "t5": "T5-XXL",
+}
+
+
+def architecture_name(config) -> str:
+    """A released model's name when the shapes match one, else a description of the shapes."""
+    from .mmdit import MMDiTConfig
+
+    known = {
+        "SD3.5 Medium (MM-DiT-X)": MMDiTConfig.sd35_medium(),
+        "SD3.5 Large": MMDiTConfig.sd35_large(),
+    }
+    for name, reference in known.items():
+        if config == reference:
+            return name
+    if config.depth == 24 and config.hidden_size == 1536 and not config.qk_norm and not config.dual_attention_layers:
+        return "SD3 Medium"
+    kind = "MM-DiT-X" if config.dual_attention_layers else "MM-DiT"
+    return f"custom {kind}"
+
+
+@dataclass
+class ComponentInfo:
+    name: str
+    parameters: int
+    dtypes: dict[str, int]
+    nbytes: int
+    details: dict[str, object] = field(default_factory=dict)
+
+
+def _summarise(refs: dict[str, TensorRef]) -> tuple[int, dict[str, int], int]:
+    count = Counter()
+    params = nbytes = 0
+    for ref in refs.values():
+        numel = math.prod(ref.shape)
+        params += numel
+        nbytes += numel * ref.dtype.itemsize
+        count[str(ref.dtype).removeprefix("torch.")] += numel
+    return params, dict(count), nbytes
+
+
+def component_details(files: CheckpointFiles, component: str) -> dict[str, object]:
+    """Architecture facts inferred from shapes (no weights are read)."""
+    if component == "mmdit":
+        from .mmdit import MMDiTConfig
+
+        config = MMDiTConfig.from_state_dict(component_shapes(files, "mmdit"))
+        layers = config.dual_attention_layers
+        return {
+            "architecture": architecture_name(config),
+            "depth": config.depth,
+            "hidden": config.hidden_size,
+            "heads": config.num_heads,
+            "dual attention layers": f"{layers[0]}-{layers[-1]}" if layers else "none",
+            "qk norm": "RMSNorm" if config.qk_norm else "none",
+            "pos-embed table": f"{config.pos_embed_max_size}x{config.pos_embed_max_size}",
+            "max resolution": f"{config.pos_embed_max_size * config.patch_size * 8} px",
+        }
+    if component == "vae":
+        from .vae import VAEConfig
+
+        config = VAEConfig.from_state_dict(component_shapes(files, "vae"))
+        return {"latent channels": config.latent_channels, "base channels": config.base_channels,
+                "channel mult": config.channel_mult}
+    refs = files.components[component]
+    if component == "t5":
+        embed = refs.get("shared.weight") or refs.get("encoder.embed_tokens.weight")
+        layers = {k.split(".")[2] for k in refs if k.startswith("encoder.block.")}
+        return {"width": embed.shape[1] if embed else "?", "layers": len(layers)}
+    width = refs["text_model.embeddings.token_embedding.weight"].shape[1]
+    layers = {k.split(".")[3] for k in refs if k.startswith("text_model.encoder.layers.")}
+    return {"width": width, "layers": len(layers)}
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> tuple[CheckpointFiles, list[ComponentInfo], FlashMetadata]:
+    files = index_checkpoint(path)
+    infos = []
+    for component in COMPONENT_NAMES:
+        if files.has(component):
+            params, dtypes, nbytes = _summarise(files.components[component])
+            infos.append(ComponentInfo(component, params, dtypes, nbytes, component_details(files, component)))
+    return files, infos, FlashMetadata.from_safetensors(files.metadata, str(path))
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
+        n /= 1000
+    return f"{n:.1f}P{unit}"
+
+
+def describe_checkpoint(path: str | os.PathLike) -> str:
+    """The report ``sd35-flash info`` prints."""
+    files, infos, metadata = inspect_checkpoint(path)
+    lines = [f"{path}", f"  layout: {files.layout}"]
+    for info in infos:
+        dtypes = ", ".join(f"{d} {c / info.parameters:.0%}" if len(info.dtypes) > 1 else d
+                           for d, c in info.dtypes.items())
+        lines.append(f"  {COMPONENT_NAMES[info.name]}: {_human(info.parameters)} parameters, {dtypes}, "
+                     f"{info.nbytes / 2**30:.2f} GiB")
+        lines.extend(f"    {key}: {value}" for key, value in info.details.items())
+    absent = [COMPONENT_NAMES[c] for c in COMPONENT_NAMES if not files.has(c)]
+    if absent:
+        lines.append(f"  not in this checkpoint: {', '.join(absent)}")
+    meta = metadata.to_safetensors()
+    meta.pop("sd35_flash.format_version", None)
+    if meta:
+        lines.append("  SD3.5-Flash metadata:")
+        lines.extend(f"    {key.removeprefix('sd35_flash.')}: {value}" for key, value in sorted(meta.items()))
+    else:
+        lines.append("  SD3.5-Flash metadata: none (not a checkpoint written by this project)")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""``sd35-flash``: generate images and inspect checkpoints from the command line.
+
+Bad input (a missing file, a wrong checkpoint, a width that is not a multiple of 16) ends with exit status 2
+and one line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import FlashError
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "demo" / "sd35_flash_demo.safetensors"
+
+
+class UsageError(FlashError):
+    """A command-line argument is wrong."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd35-flash", description="SD3.5-Flash: few-step SD3.5 image generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="make images from a prompt")
+    gen.add_argument("--prompt", "-p", required=True, help="what to draw")
+    gen.add_argument("--out", "-o", required=True, type=Path,
+                     help="output PNG; with --batch N, files NAME_0.png ... NAME_{N-1}.png")
+    gen.add_argument("--checkpoint", "-c", type=Path,
+                     help="SD3.5 / SD3.5-Flash weights: a single .safetensors file (with or without text encoders), "
+                          "a diffusion-model file, or a diffusers folder. Default: the embedded demo model")
+    gen.add_argument("--steps", type=_positive_int, default=4,
+                     help="2 or 4 use the student grid; any other count the shift-3 teacher schedule (default 4)")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed, as in ComfyUI (default 0)")
+    gen.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
+    gen.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
+    gen.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance; 1.0 = one forward per step")
+    gen.add_argument("--negative", "-n", default="", help="negative prompt (used when --cfg is not 1)")
+    gen.add_argument("--no-t5", action="store_true", help="run without T5 (77 CLIP tokens; T5 is not loaded)")
+    gen.add_argument("--batch", type=_positive_int, default=1, help="images from one noise draw (default 1)")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="MM-DiT weights and compute; auto = bf16/fp16 on a GPU, fp32 on the CPU")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    gen.add_argument("--mode", choices=["euler", "renoise"], help="sampler; default: the checkpoint's, else euler")
+    gen.add_argument("--vae", type=Path, help="a separate VAE file (replaces the checkpoint's)")
+    gen.add_argument("--clip-l", type=Path, help="a separate CLIP-L text encoder file")
+    gen.add_argument("--clip-g", type=Path, help="a separate CLIP-G text encoder file")
+    gen.add_argument("--t5", type=Path, help="a separate T5-XXL text encoder file")
+    gen.add_argument("--tokenizers", type=Path,
+                     help="tokenizer folder (clip/ and t5xxl/, or a diffusers folder); also $SD35_FLASH_TOKENIZERS")
+    gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    info = sub.add_parser("info", help="print what a checkpoint holds (reads headers only)")
+    info.add_argument("path", type=Path, help="a .safetensors file or a diffusers folder")
+    return parser
+
+
+def output_paths(out: Path, batch: int) -> list[Path]:
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out '{out}' must end in .png")
+    if batch == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(batch)]
+
+
+def save_png(image, path: Path) -> None:
+    """Write through a temporary file and a rename: a PNG is whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline import FlashPipeline, check_size
+
+    check_size(args.width, args.height)
+    paths = output_paths(args.out, args.batch)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        if not DEMO_CHECKPOINT.exists():
+            raise UsageError("no --checkpoint given and this installation has no embedded demo model "
+                             f"(expected at {DEMO_CHECKPOINT}); pass --checkpoint PATH to SD3.5 / SD3.5-Flash weights")
+        checkpoint = DEMO_CHECKPOINT
+    pipe = FlashPipeline.from_checkpoint(
+        checkpoint, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5, tokenizers=args.tokenizers,
+        use_t5=not args.no_t5, dtype=args.dtype, device=args.device,
+    )
+    images = pipe(args.prompt, negative=args.negative, steps=args.steps, seed=args.seed, width=args.width,
+                  height=args.height, cfg=args.cfg, use_t5=not args.no_t5, batch=args.batch, mode=args.mode,
+                  progress=not args.quiet)
+    for image, path in zip(images, paths):
+        save_png(image, path)
+        print(path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint_info import describe_checkpoint
+
+    print(describe_checkpoint(args.path))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+    except (FlashError, ValueError, FileNotFoundError) as err:
+        print(f"sd35-flash: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sd35-flash: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
