@@ -105,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = pipe(args.prompt, negative=args.negative, steps=args.steps, seed=args.seed, width=args.width,
                   height=args.height, cfg=args.cfg, use_t5=not args.no_t5, batch=args.batch, mode=args.mode,
                   progress=not args.quiet)
-    for image, path in zip(images, paths):
+    for image, path in zip(images, paths, strict=True):
         save_png(image, path)
         print(path)
     return 0

@@ -74,8 +74,11 @@ def tiny_t5(seed: int = 4) -> T5EncoderModel:
 
 def text_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The file layout of a text encoder: HF names, without position-id buffers or T5's tied embedding copy."""
-    return {k: v for k, v in model.state_dict().items()
-            if "position_ids" not in k and k != "encoder.embed_tokens.weight"}
+    sd = {k: v for k, v in model.state_dict().items()
+          if "position_ids" not in k and k != "encoder.embed_tokens.weight"}
+    if "embeddings.token_embedding.weight" in sd:  # transformers 5's CLIPTextModel drops the file's prefix
+        sd = {f"text_model.{k}": v for k, v in sd.items()}
+    return sd
 
 
 def write_tiny_checkpoint(path: Path, *, with_text: bool = True, with_t5: bool = True,

@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
+
 from sd35_flash.flash_core import text
 from sd35_flash.flash_core.errors import CheckpointError, TokenizerNotFoundError
 from sd35_flash.flash_core.text import (
@@ -18,13 +26,6 @@ from sd35_flash.flash_core.text import (
     split_text_encoders,
     tokenize_clip,
     tokenize_t5,
-)
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    T5Config,
-    T5EncoderModel,
 )
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"

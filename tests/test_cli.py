@@ -1,0 +1,87 @@
+"""The ``sd35-flash`` command line: images out, one-line errors with status 2, and ``info``."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+from sd35_flash.flash_core import cli
+from sd35_flash.flash_core.checkpoint import FlashMetadata
+
+from factories import TOKENIZERS, write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    meta = FlashMetadata(student_sigmas=[1.0, 0.9, 0.75, 0.5], sampler_mode="euler", quantization="fp32")
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "tiny.safetensors", metadata=meta)
+
+
+@pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
+def test_generate_writes_png_files(checkpoint, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    args = ["generate", "-c", str(checkpoint), "--tokenizers", str(TOKENIZERS), "-p", "a red circle",
+            "-o", str(out), "--width", "64", "--height", "32", "--seed", "7", "--quiet"]
+    assert cli.main(args) == 0
+    assert Image.open(out).size == (64, 32)
+    assert cli.main(args[:-1] + ["--batch", "2", "--no-t5", "--steps", "2", "--quiet"]) == 0
+    assert Image.open(tmp_path / "img_0.png").size == (64, 32)
+    assert Image.open(tmp_path / "img_1.png").size == (64, 32)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+
+
+def _error_line(args, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_width_is_one_line(checkpoint, tmp_path, capsys):
+    err = _error_line(["generate", "-c", str(checkpoint), "-p", "x", "-o", str(tmp_path / "a.png"),
+                       "--width", "1000"], capsys)
+    assert "width 1000" in err and "multiple of 16" in err
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, capsys):
+    err = _error_line(["generate", "-c", str(tmp_path / "missing.safetensors"), "-p", "x",
+                       "-o", str(tmp_path / "a.png")], capsys)
+    assert "missing.safetensors" in err
+
+
+def test_non_sd3_checkpoint_is_one_line(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "sdxl.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(path))
+    err = _error_line(["generate", "-c", str(path), "-p", "x", "-o", str(tmp_path / "a.png")], capsys)
+    assert "sdxl.safetensors" in err and "not an SD3-class" in err
+
+
+def test_without_checkpoint_says_the_demo_model_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "DEMO_CHECKPOINT", tmp_path / "absent.safetensors")
+    err = _error_line(["generate", "-p", "x", "-o", str(tmp_path / "a.png")], capsys)
+    assert "--checkpoint" in err and "demo model" in err
+
+
+def test_out_must_be_png(checkpoint, tmp_path, capsys):
+    err = _error_line(["generate", "-c", str(checkpoint), "-p", "x", "-o", str(tmp_path / "a.jpg")], capsys)
+    assert "a.jpg" in err
+
+
+def test_info_reports_architecture_components_and_metadata(checkpoint, capsys):
+    assert cli.main(["info", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    for expected in ("official single file", "MM-DiT:", "custom MM-DiT-X", "depth: 3", "dual attention layers: 0-0",
+                     "qk norm: RMSNorm", "VAE:", "latent channels: 16", "CLIP-L:", "CLIP-G:", "T5-XXL:",
+                     "student_sigmas: [1.0, 0.9, 0.75, 0.5]", "sampler_mode: euler", "float32"):
+        assert expected in out, expected
+
+
+def test_console_script_entry_point_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "sd35_flash.flash_core.cli", "info", "/nonexistent.safetensors"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("sd35-flash: error:") and "/nonexistent.safetensors" in result.stderr

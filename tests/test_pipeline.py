@@ -1,0 +1,118 @@
+"""FlashPipeline end to end on a small random-weight SD3.5-shaped checkpoint with the real tokenizers."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sd35_flash.flash_core import schedule
+from sd35_flash.flash_core.checkpoint import FlashMetadata
+from sd35_flash.flash_core.errors import CheckpointError, FlashError
+from sd35_flash.flash_core.pipeline import FlashPipeline
+from sd35_flash.flash_core.vae import process_out
+
+from factories import TOKENIZERS, tiny_clip_g, tiny_clip_l, tiny_mmdit, tiny_vae, write_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
+
+W, H = 64, 48  # 8x6 latent: non-square
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    meta = FlashMetadata(student_sigmas=[1.0, 0.8, 0.6, 0.4], sampler_mode="euler")
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("pipe") / "tiny.safetensors", metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    return FlashPipeline.from_checkpoint(checkpoint, tokenizers=TOKENIZERS, device="cpu")
+
+
+def _pixels(images):
+    return torch.stack([torch.from_numpy(np.array(im)).float() for im in images])
+
+
+def test_generates_images_of_the_requested_size(pipe):
+    images = pipe("a red circle", steps=4, seed=0, width=W, height=H, progress=False)
+    assert len(images) == 1 and images[0].size == (W, H) and images[0].mode == "RGB"
+
+
+def test_same_seed_same_image_other_seed_other_image(pipe):
+    a = _pixels(pipe("a red circle", seed=3, width=W, height=H, progress=False))
+    b = _pixels(pipe("a red circle", seed=3, width=W, height=H, progress=False))
+    c = _pixels(pipe("a red circle", seed=4, width=W, height=H, progress=False))
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 1.0
+
+
+def test_latents_follow_the_stored_student_grid_with_comfyui_noise(pipe):
+    """The pipeline is Euler over the checkpoint's grid from ComfyUI's noise: recompute it by hand."""
+    cond = pipe.encode_prompt("a blue square")
+    latents = pipe.generate_latents(cond, seed=11, width=W, height=H, steps=4)
+    x = schedule.initial_noise(11, (1, 16, H // 8, W // 8))
+    sigmas = [1.0, 0.8, 0.6, 0.4, 0.0]
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            v = pipe.mmdit(x, torch.tensor([1000.0 * s]), cond.context, cond.pooled)
+            x = x + (s_next - s) * v
+    assert torch.allclose(latents, x, atol=1e-5)
+    decoded = pipe.decode(latents)
+    expected = pipe.vae.decode(process_out(x))
+    assert torch.allclose(_pixels(decoded), ((expected.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1), atol=1.0)
+
+
+def test_batch_draws_noise_for_the_whole_batch_at_once(pipe):
+    images = pipe("a red circle", seed=5, width=W, height=H, batch=2, progress=False)
+    assert len(images) == 2
+    a, b = _pixels(images)
+    assert (a - b).abs().mean() > 1.0  # different noise rows
+    cond = pipe.encode_prompt("a red circle").repeat(2)
+    latents = pipe.generate_latents(cond, seed=5, width=W, height=H)
+    assert torch.equal(_pixels(pipe.decode(latents)), _pixels(images))
+
+
+def test_t5_off_changes_the_conditioning_not_the_machinery(pipe):
+    cond_t5 = pipe.encode_prompt("a red circle", use_t5=True)
+    cond_clip = pipe.encode_prompt("a red circle", use_t5=False)
+    assert cond_t5.context.shape[1] == 154 and cond_clip.context.shape[1] == 77
+    images = pipe("a red circle", seed=0, width=W, height=H, use_t5=False, progress=False)
+    assert images[0].size == (W, H)
+
+
+def test_cfg_and_renoise_and_teacher_schedules_run(pipe):
+    steps_seen = []
+    images = pipe("a red circle", negative="", cfg=3.0, steps=6, mode="renoise", seed=1, width=W, height=H,
+                  progress=lambda i, n: steps_seen.append((i, n)))
+    assert images[0].size == (W, H)
+    assert steps_seen == [(i, 6) for i in range(1, 7)]
+
+
+def test_t5_is_not_loaded_when_off(checkpoint):
+    pipe = FlashPipeline.from_checkpoint(checkpoint, tokenizers=TOKENIZERS, use_t5=False, device="cpu")
+    assert not pipe.text_encoder.has_t5
+
+
+def test_split_files_fill_a_diffusion_model_only_checkpoint(tmp_path):
+    from factories import text_state_dict
+
+    save_file(tiny_mmdit().state_dict(), str(tmp_path / "dit.safetensors"))
+    save_file(tiny_vae().state_dict(), str(tmp_path / "vae.safetensors"))
+    save_file(text_state_dict(tiny_clip_l()), str(tmp_path / "clip_l.safetensors"))
+    save_file(text_state_dict(tiny_clip_g()), str(tmp_path / "clip_g.safetensors"))
+    with pytest.raises(CheckpointError, match="no VAE"):
+        FlashPipeline.from_checkpoint(tmp_path / "dit.safetensors", tokenizers=TOKENIZERS, device="cpu")
+    with pytest.raises(CheckpointError, match=r"vae\.safetensors' was given as the clip_l file"):
+        FlashPipeline.from_checkpoint(tmp_path / "dit.safetensors", vae=tmp_path / "vae.safetensors",
+                                      clip_l=tmp_path / "vae.safetensors", tokenizers=TOKENIZERS, device="cpu")
+    pipe = FlashPipeline.from_checkpoint(tmp_path / "dit.safetensors", vae=tmp_path / "vae.safetensors",
+                                         clip_l=tmp_path / "clip_l.safetensors",
+                                         clip_g=tmp_path / "clip_g.safetensors", tokenizers=TOKENIZERS, device="cpu")
+    assert pipe("x", width=W, height=H, progress=False)[0].size == (W, H)
+
+
+def test_bad_sizes_and_modes_are_named(pipe):
+    with pytest.raises(FlashError, match="width 70"):
+        pipe("x", width=70, height=H, progress=False)
+    with pytest.raises(FlashError, match="sampler mode 'ddim'"):
+        pipe("x", width=W, height=H, mode="ddim", progress=False)
