@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from sd35_flash.flash_core.errors import CheckpointError
 from sd35_flash.flash_core.keymaps import vae as vae_keys
 from sd35_flash.flash_core.vae import (
