@@ -208,3 +208,10 @@ def test_saved_checkpoint_reloads_with_the_same_outputs(tmp_path):
     path = ckpt.save_checkpoint(tmp_path / "m.safetensors", mmdit=model)
     _same_model(ckpt.load_mmdit(path), model)
     assert MMDiTConfig.from_dict(ckpt.FlashMetadata.from_safetensors(ckpt.read_metadata(path)).architecture) == TINY_MMDIT
+
+
+def test_single_file_without_text_encoders(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "no_te.safetensors", with_text=False)
+    files = ckpt.index_checkpoint(path)
+    assert files.has("mmdit") and files.has("vae")
+    assert not any(files.has(c) for c in ("clip_l", "clip_g", "t5"))

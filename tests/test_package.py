@@ -1,0 +1,52 @@
+"""The package imports without ComfyUI, exposes ComfyUI's entry points, and keeps its layering."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN_IN_FLASH_CORE = ("comfy", "folder_paths", "server", "nodes", "execution", "comfy_extras", "comfy_api")
+
+
+def test_root_package_is_a_comfyui_entry_point():
+    import sd35_flash
+
+    assert isinstance(sd35_flash.NODE_CLASS_MAPPINGS, dict)
+    assert isinstance(sd35_flash.NODE_DISPLAY_NAME_MAPPINGS, dict)
+    assert (ROOT / sd35_flash.WEB_DIRECTORY).is_dir()
+
+
+def test_importing_the_engine_loads_no_comfyui_module():
+    code = ("import sys, sd35_flash, sd35_flash.flash_core.pipeline, sd35_flash.flash_core.cli; "
+            f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN_IN_FLASH_CORE!r}]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((alias.name, 0) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield node.module or "", node.level
+
+
+def test_flash_core_imports_nothing_above_it():
+    for path in (ROOT / "flash_core").rglob("*.py"):
+        for module, level in _imports(path):
+            top = module.split(".")[0]
+            if level == 0:
+                assert top not in FORBIDDEN_IN_FLASH_CORE, f"{path.relative_to(ROOT)} imports {module}"
+            else:  # relative: may not climb out of flash_core (to the root package, nodes or training)
+                depth = len(path.relative_to(ROOT / "flash_core").parts) - 1
+                assert level <= depth + 1, f"{path.relative_to(ROOT)} imports {'.' * level}{module}"
+
+
+def test_no_pickle_loading_in_the_package():
+    package_files = [p for folder in ("flash_core", "nodes", "training") for p in (ROOT / folder).rglob("*.py")]
+    for path in package_files + list(ROOT.glob("*.py")):
+        text = path.read_text()
+        assert "pickle.load" not in text, path
+        assert "torch.load(" not in text or "weights_only=True" in text, path
