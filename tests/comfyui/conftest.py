@@ -1,0 +1,40 @@
+"""Tests against a real ComfyUI checkout: they run when COMFYUI_ROOT points at one, and skip otherwise.
+
+ComfyUI is imported the way its own unit tests do it outside the server: argument parsing off and
+``--cpu`` set before ``comfy.model_management`` is imported (COMFYUI.md "CPU note").
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
+
+
+def pytest_collection_modifyitems(config, items):
+    if COMFYUI_ROOT and (Path(COMFYUI_ROOT) / "comfy").is_dir():
+        return
+    reason = ("COMFYUI_ROOT is not set" if not COMFYUI_ROOT
+              else f"COMFYUI_ROOT={COMFYUI_ROOT} has no comfy/ package")
+    skip = pytest.mark.skip(reason=f"{reason}: point it at a ComfyUI checkout to run tests/comfyui")
+    for item in items:
+        if Path(str(item.fspath)).parent == Path(__file__).parent:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """The imported ``comfy`` package, CPU only."""
+    if COMFYUI_ROOT not in sys.path:
+        sys.path.insert(0, COMFYUI_ROOT)
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.ops  # noqa: F401  (imports model_management with --cpu in force)
+
+    return comfy
