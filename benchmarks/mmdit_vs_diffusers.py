@@ -7,7 +7,7 @@ SD3.5 Medium width: hidden 1536, 24 heads, RMS qk-norm, dual attention on the fi
 Random weights at a realistic scale are drawn for ours and converted to diffusers with our keymap.
 
 Per dtype, one row: seconds per forward (median of interleaved repeats after warm-up, inference_mode),
-the ratio ours / diffusers, peak memory of one forward for each contestant, our achieved FLOP/s (analytic
+the ratio ours / diffusers (median of the per-pair ratios, with their interquartile range: the noise), peak memory of one forward for each contestant, our achieved FLOP/s (analytic
 count: all Linear layers and the attention matmuls) and the FLOP/s of one large Linear-layout matmul
 (``[n, n] @ [n, n]^T``) in the same dtype, measured in the same run.
 
@@ -192,8 +192,9 @@ def matmul_flops_per_s(n: int, dtype: torch.dtype, device: str, repeats: int = 3
     return 2 * n**3 / statistics.median(times)
 
 
-def time_interleaved(fns: dict, args) -> dict[str, float]:
-    """Median seconds per call; the order alternates each repeat so drift and contention hit both."""
+def time_interleaved(fns: dict, args) -> dict[str, list[float]]:
+    """Seconds of each call, per contestant; the order alternates each repeat so drift and contention hit
+    both, and repeat r of one contestant is paired with repeat r of the other."""
     names = list(fns)
     times = {n: [] for n in names}
     with torch.inference_mode():
@@ -208,7 +209,19 @@ def time_interleaved(fns: dict, args) -> dict[str, float]:
                 sync(args.device)
                 times[n].append(time.perf_counter() - t0)
                 print(f"    {n:9s} repeat {r}: {times[n][-1]:.3f} s", file=sys.stderr, flush=True)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return times
+
+
+def paired_ratios(times: dict[str, list[float]]) -> list[float]:
+    """ours / diffusers for each interleaved pair: robust to slow drift of the machine's speed."""
+    return sorted(o / d for o, d in zip(times["ours"], times["diffusers"], strict=True))
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 4:
+        return min(values), max(values)
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
 
 
 def _status_kib(field: str) -> int:
@@ -296,7 +309,8 @@ def main(argv=None) -> None:
         else "peak RSS added by one forward (VmHWM after clear_refs minus VmRSS before), own subprocess each"
     )
     print(f"memory column: {mem_note}")
-    print(f"timing: median of {args.repeats} interleaved repeats after {args.warmup} warm-up, inference_mode")
+    print(f"timing: median of {args.repeats} interleaved repeats after {args.warmup} warm-up, inference_mode; "
+          "ratio: median of the per-pair ratios")
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
@@ -306,25 +320,27 @@ def main(argv=None) -> None:
         ours_model = torch.compile(ours) if args.compile else ours
         inputs = make_inputs(args, config, dtype)
         fns = {"ours": runner("ours", ours_model, inputs), "diffusers": runner("diffusers", theirs, inputs)}
-        secs = time_interleaved(fns, args)
+        times = time_interleaved(fns, args)
+        secs = {n: statistics.median(v) for n, v in times.items()}
         del ours, theirs, ours_model, fns
         mm = matmul_flops_per_s(args.matmul_size, dtype, args.device)
         mem = {c: None if args.no_memory else measure_memory(args, c, dtype_name) for c in CONTESTANTS}
-        rows.append((dtype_name, secs, mem, flops / secs["ours"], mm))
+        rows.append((dtype_name, secs, paired_ratios(times), mem, flops / secs["ours"], mm))
 
     def mib(v):
         return "n/a" if v is None else f"{v / 2**20:.0f}"
 
     print()
     print(
-        "| dtype | ours s/fwd | diffusers s/fwd | ours/diffusers | ours peak MiB | diffusers peak MiB "
+        "| dtype | ours s/fwd | diffusers s/fwd | ours/diffusers | ratio IQR | ours peak MiB | diffusers peak MiB "
         f"| ours GFLOP/s | matmul {args.matmul_size}^3 GFLOP/s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for dtype_name, secs, mem, achieved, mm in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype_name, secs, ratios, mem, achieved, mm in rows:
+        low, high = quartiles(ratios)
         print(
             f"| {dtype_name} | {secs['ours']:.3f} | {secs['diffusers']:.3f} | "
-            f"{secs['ours'] / secs['diffusers']:.3f} | {mib(mem['ours'])} | {mib(mem['diffusers'])} | "
+            f"{statistics.median(ratios):.3f} | {low:.3f}-{high:.3f} | {mib(mem['ours'])} | {mib(mem['diffusers'])} | "
             f"{achieved / 1e9:.1f} | {mm / 1e9:.1f} |"
         )
 

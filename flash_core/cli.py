@@ -29,8 +29,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(err: BaseException) -> str:
+    """An error message folded onto one line (multi-line messages list places looked, for example)."""
+    return "; ".join(line.strip().lstrip("- ") for line in str(err).splitlines() if line.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd35-flash", description="SD3.5-Flash: few-step SD3.5 image generation.")
+    parser = _Parser(prog="sd35-flash", description="SD3.5-Flash: few-step SD3.5 image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="make images from a prompt")
@@ -123,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
     except (FlashError, ValueError, FileNotFoundError) as err:
-        print(f"sd35-flash: error: {err}", file=sys.stderr)
+        print(f"sd35-flash: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sd35-flash: interrupted", file=sys.stderr)

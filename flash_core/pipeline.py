@@ -119,14 +119,15 @@ class FlashPipeline:
         toks = load_tokenizers(tokenizers)
         metadata = FlashMetadata.from_safetensors(files.metadata, str(checkpoint))
 
-        mmdit = load_mmdit(component_state_dict(files, "mmdit"), dtype=dtype, device=device)
+        # Cast while reading, tensor by tensor: the stored-dtype copy of the whole model never exists.
+        mmdit = load_mmdit(component_state_dict(files, "mmdit", dtype=dtype), dtype=dtype, device=device)
         vae_model = load_vae(component_state_dict(files, "vae"), dtype=torch.float32, device=device,
                              what=f"'{files.sources['vae'][0]}' (VAE)")
         text_encoder = TripleTextEncoder.from_state_dicts(
             clip_l=component_state_dict(files, "clip_l") if files.has("clip_l") else None,
             clip_g=component_state_dict(files, "clip_g") if files.has("clip_g") else None,
             t5=component_state_dict(files, "t5") if use_t5 and files.has("t5") else None,
-            tokenizers=toks, dtype=torch.float32 if device.type == "cpu" else dtype, device=device,
+            tokenizers=toks, dtype=dtype, device=device,
         )
         return cls(mmdit, vae_model, text_encoder, metadata, device)
 

@@ -85,3 +85,18 @@ def test_console_script_entry_point_runs_as_a_module():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("sd35-flash: error:") and "/nonexistent.safetensors" in result.stderr
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--prompt", "x"])  # --out missing
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--out" in err
+
+
+def test_tokenizers_not_found_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SD35_FLASH_TOKENIZERS", raising=False)
+    err = _error_line(["generate", "-c", str(checkpoint), "-p", "x", "-o", str(tmp_path / "a.png"),
+                       "--tokenizers", str(tmp_path / "no_tokenizers_here")], capsys)
+    assert "no_tokenizers_here" in err and "--tokenizers" in err

@@ -242,3 +242,16 @@ def test_a_replaced_linear_layer_is_called_through_its_own_forward():
         got = model(x, t, context, y)
     assert all(b.x_block.attn.qkv.calls == 1 and b.x_block.mlp.fc1.calls == 1 for b in model.joint_blocks)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])  # bf16: ~2 ulps at |x| < 4
+def test_rms_norm_inference_path_equals_the_reference(dtype, atol):
+    norm = mmdit.RMSNorm(64, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(64))
+    x = torch.randn(2, 10, 3, 64).to(dtype)
+    expected = torch.nn.functional.rms_norm(x.float(), (64,), norm.weight.float(), mmdit.RMS_EPS)
+    with torch.inference_mode():
+        got = norm(x)
+    assert got.dtype == dtype
+    assert (got.float() - expected).abs().max().item() <= atol
