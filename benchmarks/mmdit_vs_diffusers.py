@@ -32,7 +32,7 @@ import time
 import torch
 
 from sd35_flash.flash_core import mmdit
-from sd35_flash.flash_core.keymaps.mmdit import official_to_diffusers
+from sd35_flash.flash_core.keymaps.mmdit import diffusers_config, official_to_diffusers
 from sd35_flash.flash_core.mmdit import MMDiT, MMDiTConfig, sincos_pos_embed_table
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,23 +107,8 @@ def diffusers_from(ours: MMDiT):
     """diffusers' model holding our weights (converted with our keymap; shared storage where renamed)."""
     from diffusers import SD3Transformer2DModel
 
-    cfg = ours.config
     with torch.device("meta"):
-        model = SD3Transformer2DModel(
-            sample_size=128,
-            patch_size=cfg.patch_size,
-            in_channels=cfg.in_channels,
-            num_layers=cfg.depth,
-            attention_head_dim=64,
-            num_attention_heads=cfg.num_heads,
-            joint_attention_dim=cfg.context_in_channels,
-            caption_projection_dim=cfg.hidden_size,
-            pooled_projection_dim=cfg.adm_in_channels,
-            out_channels=cfg.out_channels,
-            pos_embed_max_size=cfg.pos_embed_max_size,
-            dual_attention_layers=cfg.dual_attention_layers,
-            qk_norm="rms_norm" if cfg.qk_norm else None,
-        )
+        model = SD3Transformer2DModel(**diffusers_config(ours.config))
     model.load_state_dict(official_to_diffusers(ours.state_dict()), strict=True, assign=True)
     return model.eval()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sd35_flash.flash_core.errors import CheckpointError
-from sd35_flash.flash_core.keymaps.mmdit import diffusers_to_official, official_to_diffusers
+from sd35_flash.flash_core.keymaps.mmdit import diffusers_config, diffusers_to_official, official_to_diffusers
 from sd35_flash.flash_core.mmdit import MMDiT, MMDiTConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -41,21 +41,7 @@ def random_model(config: MMDiTConfig, seed: int = 0) -> MMDiT:
 
 
 def diffusers_model(config: MMDiTConfig):
-    return diffusers.SD3Transformer2DModel(
-        sample_size=128,
-        patch_size=config.patch_size,
-        in_channels=config.in_channels,
-        num_layers=config.depth,
-        attention_head_dim=64,
-        num_attention_heads=config.num_heads,
-        joint_attention_dim=config.context_in_channels,
-        caption_projection_dim=config.hidden_size,
-        pooled_projection_dim=config.adm_in_channels,
-        out_channels=config.out_channels,
-        pos_embed_max_size=config.pos_embed_max_size,
-        dual_attention_layers=config.dual_attention_layers,
-        qk_norm="rms_norm" if config.qk_norm else None,
-    ).eval()
+    return diffusers.SD3Transformer2DModel(**diffusers_config(config)).eval()
 
 
 def max_abs_diff_vs_diffusers(config: MMDiTConfig, height: int, width: int, batch: int = 2) -> float:

@@ -65,6 +65,29 @@ _OFFICIAL_BLOCK = re.compile(r"joint_blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _DIFFUSERS_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$")
 
 
+def diffusers_config(config) -> dict:
+    """The ``SD3Transformer2DModel`` config (its ``config.json`` fields) for an :class:`MMDiTConfig`.
+
+    Plain data, so writing a diffusers folder needs no diffusers import. ``sample_size`` 128 is what the
+    released SD3.x configs use (it sets the sin-cos table's base size; the table itself travels in the weights).
+    """
+    return {
+        "sample_size": 128,
+        "patch_size": config.patch_size,
+        "in_channels": config.in_channels,
+        "num_layers": config.depth,
+        "attention_head_dim": config.hidden_size // config.num_heads,
+        "num_attention_heads": config.num_heads,
+        "joint_attention_dim": config.context_in_channels,
+        "caption_projection_dim": config.hidden_size,
+        "pooled_projection_dim": config.adm_in_channels,
+        "out_channels": config.out_channels,
+        "pos_embed_max_size": config.pos_embed_max_size,
+        "dual_attention_layers": list(config.dual_attention_layers),
+        "qk_norm": "rms_norm" if config.qk_norm else None,
+    }
+
+
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """(shift, scale) <-> (scale, shift): swap the two halves along dim 0. Its own inverse."""
     first, second = t.chunk(2, dim=0)
