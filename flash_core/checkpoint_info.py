@@ -35,6 +35,17 @@ def architecture_name(config) -> str:
     return f"custom {kind}"
 
 
+def _layer_list(layers: tuple[int, ...]) -> str:
+    """``none``, ``5``, ``0-12`` for a contiguous run, else the list."""
+    if not layers:
+        return "none"
+    if len(layers) == 1:
+        return str(layers[0])
+    if list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ", ".join(map(str, layers))
+
+
 @dataclass
 class ComponentInfo:
     name: str
@@ -67,7 +78,7 @@ def component_details(files: CheckpointFiles, component: str) -> dict[str, objec
             "depth": config.depth,
             "hidden": config.hidden_size,
             "heads": config.num_heads,
-            "dual attention layers": f"{layers[0]}-{layers[-1]}" if layers else "none",
+            "dual attention layers": _layer_list(layers),
             "qk norm": "RMSNorm" if config.qk_norm else "none",
             "pos-embed table": f"{config.pos_embed_max_size}x{config.pos_embed_max_size}",
             "max resolution": f"{config.pos_embed_max_size * config.patch_size * 8} px",

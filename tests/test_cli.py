@@ -74,7 +74,7 @@ def test_out_must_be_png(checkpoint, tmp_path, capsys):
 def test_info_reports_architecture_components_and_metadata(checkpoint, capsys):
     assert cli.main(["info", str(checkpoint)]) == 0
     out = capsys.readouterr().out
-    for expected in ("official single file", "MM-DiT:", "custom MM-DiT-X", "depth: 3", "dual attention layers: 0-0",
+    for expected in ("official single file", "MM-DiT:", "custom MM-DiT-X", "depth: 3", "dual attention layers: 0\n",
                      "qk norm: RMSNorm", "VAE:", "latent channels: 16", "CLIP-L:", "CLIP-G:", "T5-XXL:",
                      "student_sigmas: [1.0, 0.9, 0.75, 0.5]", "sampler_mode: euler", "float32"):
         assert expected in out, expected
@@ -100,3 +100,12 @@ def test_tokenizers_not_found_is_one_line(checkpoint, tmp_path, capsys, monkeypa
     err = _error_line(["generate", "-c", str(checkpoint), "-p", "x", "-o", str(tmp_path / "a.png"),
                        "--tokenizers", str(tmp_path / "no_tokenizers_here")], capsys)
     assert "no_tokenizers_here" in err and "--tokenizers" in err
+
+
+def test_released_architectures_are_named():
+    from sd35_flash.flash_core.checkpoint_info import architecture_name
+    from sd35_flash.flash_core.mmdit import MMDiTConfig
+
+    assert architecture_name(MMDiTConfig.sd35_medium()) == "SD3.5 Medium (MM-DiT-X)"
+    assert architecture_name(MMDiTConfig.sd35_large()) == "SD3.5 Large"
+    assert architecture_name(MMDiTConfig(depth=24, hidden_size=1536, pos_embed_max_size=192, qk_norm=False)) == "SD3 Medium"
