@@ -44,6 +44,7 @@ DIFFUSERS_FOLDERS = {
     "t5": "text_encoder_3",
 }
 COMPONENTS = ("mmdit", "vae", "clip_l", "clip_g", "t5")
+PREFIXES = {"mmdit": MMDIT_PREFIX, "vae": VAE_PREFIX, **TEXT_PREFIXES}
 
 METADATA_PREFIX = "sd35_flash."
 FORMAT_VERSION = 1
@@ -195,14 +196,25 @@ def _foreign_family(keys: Iterable[str]) -> str | None:
     return None
 
 
+def split_by_prefix(sd: Mapping[str, object], strict: bool = True) -> dict[str, dict[str, object]]:
+    """A single-file state dict (or index) -> ``{component: {unprefixed key: value}}``, absent ones omitted.
+
+    ``strict``: a key with none of the official prefixes is an error; otherwise it is ignored.
+    """
+    parts: dict[str, dict[str, object]] = {}
+    for key, value in sd.items():
+        component = next((c for c, prefix in PREFIXES.items() if key.startswith(prefix)), None)
+        if component is not None:
+            parts.setdefault(component, {})[key[len(PREFIXES[component]):]] = value
+        elif strict:
+            raise CheckpointError(f"key '{key}' has none of the official prefixes ({', '.join(PREFIXES.values())})")
+    return parts
+
+
 def _split_single_file(refs: dict[str, TensorRef], path: Path) -> CheckpointFiles:
     files = CheckpointFiles(layout="official single file")
-    prefixes = {"mmdit": MMDIT_PREFIX, "vae": VAE_PREFIX, **TEXT_PREFIXES}
-    for component, prefix in prefixes.items():
-        part = {k[len(prefix):]: r for k, r in refs.items() if k.startswith(prefix)}
-        if part:
-            files.components[component] = part
-            files.sources[component] = [path]
+    files.components = split_by_prefix(refs, strict=False)
+    files.sources = {component: [path] for component in files.components}
     return files
 
 
@@ -325,7 +337,7 @@ def official_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     if not any(k.startswith((MMDIT_PREFIX, VAE_PREFIX, "text_encoders.")) for k in sd):
         return mmdit_keys.official_to_diffusers(sd)
     out: dict[str, torch.Tensor] = {}
-    for component, part in _split_prefixed(sd).items():
+    for component, part in split_by_prefix(sd).items():
         if component == "mmdit":
             part = mmdit_keys.official_to_diffusers(part)
         elif component == "vae":
@@ -348,27 +360,13 @@ def diffusers_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
                                   f"({', '.join(DIFFUSERS_FOLDERS.values())})")
         parts.setdefault(folder_to_component[folder], {})[rest] = value
     out: dict[str, torch.Tensor] = {}
-    prefixes = {"mmdit": MMDIT_PREFIX, "vae": VAE_PREFIX, **TEXT_PREFIXES}
     for component, part in parts.items():
         if component == "mmdit":
             part = mmdit_keys.diffusers_to_official(part)
         elif component == "vae":
             part = vae_keys.diffusers_to_official(part)
-        out.update({prefixes[component] + k: v for k, v in part.items()})
+        out.update({PREFIXES[component] + k: v for k, v in part.items()})
     return out
-
-
-def _split_prefixed(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    prefixes = {"mmdit": MMDIT_PREFIX, "vae": VAE_PREFIX, **TEXT_PREFIXES}
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        for component, prefix in prefixes.items():
-            if key.startswith(prefix):
-                parts.setdefault(component, {})[key[len(prefix):]] = value
-                break
-        else:
-            raise CheckpointError(f"key '{key}' has none of the official prefixes ({', '.join(prefixes.values())})")
-    return parts
 
 
 def component_state_dict(files: CheckpointFiles, component: str, dtype: torch.dtype | None = None,
@@ -546,11 +544,10 @@ def save_checkpoint(path: str | os.PathLike, *, mmdit=None, vae=None, clip_l=Non
     def state(x):
         return x.state_dict() if isinstance(x, torch.nn.Module) else x
 
-    prefixes = {"mmdit": MMDIT_PREFIX, "vae": VAE_PREFIX, **TEXT_PREFIXES}
     tensors = {}
     for component, value in {"mmdit": mmdit, "vae": vae, "clip_l": clip_l, "clip_g": clip_g, "t5": t5}.items():
         if value is not None:
-            tensors.update({prefixes[component] + k: v.detach().cpu() for k, v in state(value).items()})
+            tensors.update({PREFIXES[component] + k: v.detach().cpu() for k, v in state(value).items()})
     meta = metadata or FlashMetadata()
     if mmdit is not None and meta.architecture is None and hasattr(mmdit, "config"):
         meta.architecture = mmdit.config.to_dict()

@@ -58,11 +58,6 @@ CLIP_G_POOLED = 1280  # ComfyUI's zeros for a missing CLIP-G pooled output
 CLIP_G_PAD_ID = 0  # CLIP-G pads with 0; CLIP-L pads with its end token
 T5_DEFAULT_LENGTH = 77
 CLIP_HEAD_DIM = 64
-CHECKPOINT_PREFIXES = {
-    "clip_l": "text_encoders.clip_l.transformer.",
-    "clip_g": "text_encoders.clip_g.transformer.",
-    "t5": "text_encoders.t5xxl.transformer.",
-}
 # Widths of the released SD3.5 text encoders; pass as ``expect_widths`` to reject anything else.
 RELEASED_WIDTHS = {"clip_l": 768, "clip_g": 1280, "t5": 4096}
 # The released activations: OpenAI CLIP ViT-L/14 uses quick_gelu, OpenCLIP bigG uses exact gelu.
@@ -215,7 +210,7 @@ def _looks_like(sd: Mapping[str, torch.Tensor]) -> str:
     """A short guess at what a state dict holds, for error messages."""
     keys = list(sd)
     if any(k.startswith("text_encoders.") for k in keys):
-        return "a single-file checkpoint (split it with split_text_encoders first)"
+        return "a single-file checkpoint (split it with checkpoint.split_by_prefix first)"
     if "text_model.embeddings.token_embedding.weight" in sd:
         width = sd["text_model.embeddings.token_embedding.weight"].shape[-1]
         return f"a CLIP text encoder of width {width}"
@@ -412,18 +407,6 @@ def build_t5(sd: Mapping[str, torch.Tensor], expect_width: int | None = None, dt
     model.encoder.embed_tokens.weight = model.shared.weight
     _materialize_buffers(model)
     return _finish(model, dtype, device)
-
-
-def split_text_encoders(sd: Mapping[str, torch.Tensor]) -> dict[str, dict]:
-    """Text encoder state dicts of a single-file SD3 checkpoint: ``text_encoders.clip_l.transformer.*``,
-    ``text_encoders.clip_g.transformer.*`` and ``text_encoders.t5xxl.transformer.*`` -> ``{'clip_l': {...},
-    'clip_g': {...}, 't5': {...}}`` with the prefixes stripped; encoders absent from ``sd`` are omitted."""
-    out = {}
-    for slot, prefix in CHECKPOINT_PREFIXES.items():
-        part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        if part:
-            out[slot] = part
-    return out
 
 
 # ------------------------------------------------------------------------------------------- conditioning

@@ -23,7 +23,6 @@ from sd35_flash.flash_core.text import (
     Tokenizers,
     TripleTextEncoder,
     load_tokenizers,
-    split_text_encoders,
     tokenize_clip,
     tokenize_t5,
 )
@@ -313,19 +312,3 @@ def test_t5_without_t5_tokenizer(ref_models, tokenizers):
     with pytest.raises(TokenizerNotFoundError, match="use_t5=False"):
         enc.encode("a cat")
     assert enc.encode("a cat", use_t5=False)[0].shape == (1, 77, CONTEXT)
-
-
-def test_split_text_encoders():
-    sd = {
-        "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.ones(2),
-        "text_encoders.clip_g.transformer.text_projection.weight": torch.ones(2, 2),
-        "text_encoders.t5xxl.transformer.shared.weight": torch.ones(3, 2),
-        "model.diffusion_model.x_embedder.proj.weight": torch.ones(1),
-    }
-    parts = split_text_encoders(sd)
-    assert set(parts) == {"clip_l", "clip_g", "t5"}
-    assert list(parts["clip_l"]) == ["text_model.final_layer_norm.weight"]
-    assert list(parts["clip_g"]) == ["text_projection.weight"] and list(parts["t5"]) == ["shared.weight"]
-    assert parts["t5"]["shared.weight"] is sd["text_encoders.t5xxl.transformer.shared.weight"]
-    del sd["text_encoders.t5xxl.transformer.shared.weight"]
-    assert set(split_text_encoders(sd)) == {"clip_l", "clip_g"}
