@@ -138,3 +138,34 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
     else:
         lines.append("  SD3.5-Flash metadata: none (not a checkpoint written by this project)")
     return "\n".join(lines)
+
+
+def weight_bytes(files: CheckpointFiles, component: str, dtype=None) -> int:
+    """Bytes the component's weights take in ``dtype`` (None: as stored), from the headers alone."""
+    refs = files.components.get(component, {})
+    return sum(math.prod(r.shape) * (dtype.itemsize if dtype is not None and r.dtype.is_floating_point
+                                     else r.dtype.itemsize) for r in refs.values())
+
+
+def loader_report(files: CheckpointFiles, *, source: str, weight_dtype=None, t5: str = "absent",
+                  metadata: FlashMetadata | None = None) -> dict[str, object]:
+    """What a loader detected, as the JSON the ComfyUI loader nodes show (web/js/flash_info.js): architecture,
+    layout, components, whether T5 was loaded (``on``/``off``/``absent``), weight format, the student grid and
+    sampler mode from the metadata, and the estimated weight memory per part."""
+    metadata = metadata or FlashMetadata()
+    architecture = component_details(files, "mmdit")["architecture"] if files.has("mmdit") else None
+    stored = Counter(str(r.dtype).removeprefix("torch.") for c in files.components.values() for r in c.values())
+    names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    weight_format = (names.get(str(weight_dtype).removeprefix("torch."), str(weight_dtype)) if weight_dtype
+                     else names.get(stored.most_common(1)[0][0], stored.most_common(1)[0][0]) if stored else None)
+    text = [c for c in ("clip_l", "clip_g", "t5") if files.has(c) and (c != "t5" or t5 == "on")]
+    memory = {"mmdit": weight_bytes(files, "mmdit", weight_dtype), "vae": weight_bytes(files, "vae"),
+              "text_encoders": sum(weight_bytes(files, c, weight_dtype) for c in text)}
+    memory = {k: v for k, v in memory.items() if v}
+    memory["total"] = sum(memory.values())
+    return {
+        "file": source, "architecture": architecture, "layout": files.layout,
+        "components": {c: files.has(c) for c in COMPONENT_NAMES}, "t5": t5,
+        "weight_format": weight_format, "student_sigmas": metadata.student_sigmas,
+        "sampler_mode": metadata.sampler_mode, "memory_bytes": memory,
+    }

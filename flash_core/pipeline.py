@@ -61,8 +61,9 @@ def check_size(width: int, height: int) -> None:
 
 
 def latents_to_images(images: torch.Tensor) -> list[Image.Image]:
-    """VAE output in [-1, 1], ``[B, 3, H, W]`` -> 8-bit RGB PIL images."""
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """VAE output in [-1, 1], ``[B, 3, H, W]`` -> 8-bit RGB PIL images, quantised as ComfyUI's VAEDecode +
+    SaveImage do (``clamp((x + 1) / 2, 0, 1)``, times 255, truncated), so both write the same bytes."""
+    pixels = (((images.float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
     return [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).cpu().numpy())) for p in pixels]
 
 

@@ -48,7 +48,7 @@ def tiny_vae(config: VAEConfig = TINY_VAE, seed: int = 1) -> SD3VAE:
 
 
 def _clip_config(width: int, act: str, projection: int | None = None) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+    return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
                           num_attention_heads=width // 64, max_position_embeddings=77, hidden_act=act,
                           projection_dim=projection or width, bos_token_id=49406, eos_token_id=49407,
                           pad_token_id=1)

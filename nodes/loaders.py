@@ -1,0 +1,172 @@
+"""Loader nodes: Flash Checkpoint Loader, Triple Text Encoder Loader (T5 optional), Flash VAE Loader.
+
+Each returns ComfyUI's own MODEL / CLIP / VAE (built in :mod:`.native`) and, after it runs, tells the web
+extension what it detected (``sd35_flash.loader_info``, shown on the node by web/js/sd35_flash.js).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..flash_core.checkpoint import CheckpointFiles, FlashMetadata, index_checkpoint
+from ..flash_core.checkpoint_info import COMPONENT_NAMES, loader_report
+from ..flash_core.errors import CheckpointError
+from . import native
+
+CATEGORY = "SD3.5 Flash"
+LOADER_EVENT = "sd35_flash.loader_info"
+T5_MODES = ["auto", "on", "off"]
+NONE = "none"
+
+
+def filenames(*folders: str) -> list[str]:
+    """Model files ComfyUI lists in ``folders`` (empty where ComfyUI is absent, e.g. schema tests)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    names: list[str] = []
+    for folder in folders:
+        names += [n for n in folder_paths.get_filename_list(folder) if n not in names]
+    return names
+
+
+def full_path(name: str, *folders: str) -> Path:
+    """The file ``name`` in the first of ``folders`` that has it, or a clear error naming both."""
+    import folder_paths
+
+    for folder in folders:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return Path(path)
+    raise CheckpointError(f"'{name}' is not in ComfyUI's {' or '.join(f'models/{f}' for f in folders)} folder")
+
+
+def send_report(node_id, report: dict) -> None:
+    """Show ``report`` on the node (no-op outside a running ComfyUI server)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if node_id is not None and getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_sync(LOADER_EVENT, {"node": str(node_id), "info": report})
+
+
+def _t5_state(t5: str, files: CheckpointFiles, source: str) -> str:
+    if t5 not in T5_MODES:
+        raise ValueError(f"t5 must be one of {', '.join(T5_MODES)}, got '{t5}'")
+    if t5 == "on" and not files.has("t5"):
+        raise CheckpointError(f"t5 is 'on' but '{source}' holds no T5-XXL weights; load one with the Triple Text "
+                              "Encoder Loader, or set t5 to 'auto' or 'off'")
+    if not files.has("t5"):
+        return "absent"
+    return "off" if t5 == "off" else "on"
+
+
+class FlashCheckpointLoader:
+    """An SD3.5 / SD3.5-Flash checkpoint in any layout -> native MODEL, CLIP and VAE."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "ckpt_name": (filenames("checkpoints", "diffusion_models"), {
+                    "tooltip": "An SD3.5 or SD3.5-Flash file from models/checkpoints (single file with text encoders "
+                               "and VAE) or models/diffusion_models (MM-DiT only; add the Triple Text Encoder "
+                               "Loader and Flash VAE Loader)."}),
+                "t5": (T5_MODES, {"default": "auto", "tooltip":
+                                  "T5-XXL text encoder: auto uses it when the file has it; off never reads it "
+                                  "(77 CLIP tokens only, about 9 GB less memory); on requires it."}),
+                "weight_dtype": (list(native.WEIGHT_DTYPES), {"default": "auto", "tooltip":
+                                 "Weight dtype of the MM-DiT and text encoders; auto lets ComfyUI pick for the "
+                                 "device (bf16/fp16 on GPU, fp32 on CPU)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The MM-DiT, carrying the student sigma grid for the Flash Scheduler.",
+                       "CLIP-L + CLIP-G (+ T5-XXL) for CLIPTextEncode / CLIPTextEncodeSD3; None if the file has "
+                       "no text encoders.",
+                       "The 16-channel SD3 VAE; None if the file has none.")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads an SD3.5-Flash (or any SD3.5) checkpoint as ComfyUI's native MODEL, CLIP and VAE."
+
+    def load(self, ckpt_name: str, t5: str = "auto", weight_dtype: str = "auto", unique_id=None):
+        path = full_path(ckpt_name, "checkpoints", "diffusion_models")
+        files = index_checkpoint(path)
+        if not files.has("mmdit"):
+            raise CheckpointError(f"'{ckpt_name}' holds no MM-DiT (diffusion model) weights")
+        t5_state = _t5_state(t5, files, ckpt_name)
+        metadata = FlashMetadata.from_safetensors(files.metadata, ckpt_name)
+        model = native.build_model(files, weight_dtype, metadata)
+        texts = native.text_state_dicts(files, use_t5=t5_state == "on")
+        clip = native.build_clip(texts, {s: ckpt_name for s in texts}, weight_dtype) if texts else None
+        vae = native.build_vae(files) if files.has("vae") else None
+        send_report(unique_id, loader_report(files, source=ckpt_name, weight_dtype=native.WEIGHT_DTYPES[weight_dtype],
+                                             t5=t5_state, metadata=metadata))
+        return model, clip, vae
+
+
+class FlashTextEncoderLoader:
+    """CLIP-L + CLIP-G + T5-XXL, each optional ('none'), -> native CLIP."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = [NONE] + filenames("text_encoders")
+        tip = "{} file from models/text_encoders, or none to leave it out{}."
+        return {
+            "required": {
+                "clip_l": (names, {"tooltip": tip.format("CLIP-L (768 wide)", "")}),
+                "clip_g": (names, {"tooltip": tip.format("CLIP-G (1280 wide)", "")}),
+                "t5xxl": (names, {"default": NONE, "tooltip": tip.format(
+                    "T5-XXL", ": without T5 the prompt is 77 CLIP tokens and about 9 GB less memory is used")}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("CLIP",)
+    OUTPUT_TOOLTIPS = ("SD3 text encoder for CLIPTextEncode / CLIPTextEncodeSD3.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads the SD3 triple text encoder with T5-XXL optional (any of the three may be none)."
+
+    def load(self, clip_l: str, clip_g: str, t5xxl: str = NONE, unique_id=None):
+        chosen = {slot: name for slot, name in (("clip_l", clip_l), ("clip_g", clip_g), ("t5", t5xxl)) if name != NONE}
+        if not chosen.keys() & {"clip_l", "clip_g"}:
+            raise CheckpointError("choose a CLIP-L and/or CLIP-G file: SD3 conditioning needs at least one CLIP")
+        files = CheckpointFiles(layout="split text encoder files")
+        for slot, name in chosen.items():
+            part = index_checkpoint(full_path(name, "text_encoders"), slot)
+            if not part.has(slot):
+                found = ", ".join(COMPONENT_NAMES[c] for c in part.components) or "nothing"
+                raise CheckpointError(f"'{name}' was chosen as {COMPONENT_NAMES[slot]} but holds {found} weights")
+            files.components[slot], files.sources[slot] = part.components[slot], part.sources[slot]
+        texts = native.text_state_dicts(files, use_t5=True)
+        clip = native.build_clip(texts, chosen)
+        send_report(unique_id, loader_report(files, source=", ".join(chosen.values()),
+                                             t5="on" if "t5" in chosen else "absent"))
+        return (clip,)
+
+
+class FlashVAELoader:
+    """An SD3 VAE file (official or diffusers names, released or smaller) -> native VAE."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": (filenames("vae"), {
+            "tooltip": "A 16-channel SD3 VAE from models/vae (official or diffusers key names)."})}}
+
+    RETURN_TYPES = ("VAE",)
+    OUTPUT_TOOLTIPS = ("The SD3 VAE for VAEDecode / VAEEncode.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a separate SD3 VAE file, including the small demo-model VAE the stock loader cannot size."
+
+    def load(self, vae_name: str):
+        files = index_checkpoint(full_path(vae_name, "vae"), "vae")
+        if not files.has("vae"):
+            raise CheckpointError(f"'{vae_name}' holds no VAE weights (found {', '.join(files.components)})")
+        return (native.build_vae(files),)

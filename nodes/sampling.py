@@ -1,0 +1,125 @@
+"""Flash Scheduler (MODEL + steps -> SIGMAS) and Flash Sampler (the one-node common case).
+
+Both run on ComfyUI's sampling machinery: the scheduler feeds SamplerCustomAdvanced, and the sampler calls
+``comfy.sample.sample_custom`` with ComfyUI's own ``euler`` / ``lcm`` samplers, so progress bars, previews,
+interruption, noise (``prepare_noise``) and CFG are ComfyUI's. ALGORITHM.md "Sampling" says why those two samplers
+are the student's deterministic and re-noise modes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..flash_core import schedule
+from ..flash_core.errors import FlashError
+from .loaders import CATEGORY
+from .native import flash_metadata
+
+MODES = ["auto", "euler", "renoise"]
+COMFY_SAMPLERS = {"euler": "euler", "renoise": "lcm"}  # lcm = x0_hat, then fresh noise at the next sigma
+MAX_STEPS = 200
+
+
+def model_sigmas(model, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """The model's sigmas for ``steps``: the student grid (checkpoint metadata, else ALGORITHM.md's) for 2 or 4
+    steps, the shifted teacher schedule (the model's shift, 3.0 unless ModelSamplingSD3 changed it) otherwise."""
+    if not 1 <= int(steps) <= MAX_STEPS:
+        raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+    shift = getattr(model.get_model_object("model_sampling"), "shift", schedule.SD35_SHIFT)
+    return schedule.flash_sigmas(int(steps), flash_metadata(model).student_sigmas, float(shift), float(denoise))
+
+
+def sampler_mode(model, mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+    return (flash_metadata(model).sampler_mode or "euler") if mode == "auto" else mode
+
+
+def check_latent(samples: torch.Tensor) -> None:
+    """Refuse latents the MM-DiT cannot patchify (image sides must be multiples of 16 pixels)."""
+    height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
+    for name, value in (("width", width), ("height", height)):
+        if value % 16:
+            raise FlashError(f"image {name} {value} is not a multiple of 16 (the latent is {value // 8}); "
+                             "use a size like 1024 or 1008")
+
+
+class FlashScheduler:
+    """Sigmas for SamplerCustomAdvanced: the timestep-shared student grid for 2 or 4 steps."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model whose student grid (checkpoint metadata) to use."}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": MAX_STEPS, "tooltip":
+                              "2 or 4: the student grid the model was distilled for; any other number: the "
+                              "shifted teacher schedule."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
+                                  "Below 1: the tail of a longer schedule, for image-to-image."}),
+        }}
+
+    RETURN_TYPES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("Sigmas from 1 to 0 for SamplerCustomAdvanced.",)
+    FUNCTION = "get_sigmas"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "The SD3.5-Flash 2/4-step timestep-shared schedule as SIGMAS."
+
+    def get_sigmas(self, model, steps: int, denoise: float):
+        return (model_sigmas(model, steps, denoise),)
+
+
+class FlashSampler:
+    """Noise, the Flash schedule and ComfyUI's euler / lcm sampler in one node."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD3.5-Flash model (any SD3 model works with steps > 4)."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt (CLIPTextEncode / CLIPTextEncodeSD3)."}),
+                "latent_image": ("LATENT", {"tooltip": "EmptySD3LatentImage for text-to-image, VAEEncode for "
+                                                       "image-to-image (with denoise < 1)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Noise seed; the same seed gives the same image as `sd35-flash generate`."}),
+                "steps": ("INT", {"default": 4, "min": 1, "max": MAX_STEPS, "tooltip":
+                                  "4 or 2 for a distilled model; more steps use the teacher schedule."}),
+                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip":
+                                  "Guidance scale. The student was distilled with guidance built in: keep 1.0 "
+                                  "(one model call per step). Above 1 needs a negative prompt."}),
+                "mode": (MODES, {"default": "auto", "tooltip":
+                                 "euler: deterministic Euler steps; renoise: predict x0_hat, then fresh noise at the "
+                                 "next sigma (ComfyUI's lcm sampler); auto: what the checkpoint says, else euler."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
+                                      "Below 1 keeps part of the input latent (image-to-image)."}),
+            },
+            "optional": {
+                "negative": ("CONDITIONING", {"tooltip": "Negative prompt, used only when cfg is not 1."}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent, for VAEDecode.",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Samples an SD3.5-Flash model in 4 or 2 steps with ComfyUI's samplers."
+
+    def sample(self, model, positive, latent_image, seed: int, steps: int, cfg: float, mode: str,
+               denoise: float = 1.0, negative=None):
+        import comfy.sample
+        import comfy.samplers
+        import comfy.utils
+        import latent_preview
+
+        if cfg != 1.0 and negative is None:
+            raise FlashError(f"cfg {cfg} needs a negative conditioning; connect one or set cfg to 1.0")
+        samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        check_latent(samples)
+        sigmas = model_sigmas(model, steps, denoise)
+        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        sampler = comfy.samplers.sampler_object(COMFY_SAMPLERS[sampler_mode(model, mode)])
+        callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+        out = comfy.sample.sample_custom(
+            model, noise, cfg, sampler, sigmas, positive, negative if negative is not None else [], samples,
+            noise_mask=latent_image.get("noise_mask"), callback=callback,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        return ({**latent_image, "samples": out},)
