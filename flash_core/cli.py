@@ -7,6 +7,7 @@ and one line on stderr, no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -86,17 +87,34 @@ def output_paths(out: Path, batch: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(batch)]
 
 
-def save_png(image, path: Path) -> None:
-    """Write through a temporary file and a rename: a PNG is whole or absent."""
+def save_png(image, path: Path, chunks: dict | None = None) -> None:
+    """Write through a temporary file and a rename: a PNG is whole or absent. ``chunks`` (name -> JSON value)
+    become PNG text chunks, written as ComfyUI's SaveImage writes ``prompt`` and ``workflow``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for name, value in (chunks or {}).items():
+        info.add_text(name, json.dumps(value))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info, compress_level=4)  # SaveImage's compression level
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def comfyui_graph(args: argparse.Namespace, checkpoint: Path) -> tuple[dict, dict]:
+    """The ComfyUI graph of this run, ``(api_prompt, ui_workflow)``: what the PNG's prompt/workflow chunks hold."""
+    from .graph import generation_graph
+
+    return generation_graph(
+        args.prompt, checkpoint=checkpoint, negative=args.negative, steps=args.steps, seed=args.seed,
+        width=args.width, height=args.height, cfg=args.cfg, batch=args.batch, use_t5=not args.no_t5,
+        dtype=args.dtype, mode=args.mode, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
+        filename_prefix=args.out.stem)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -117,8 +135,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = pipe(args.prompt, negative=args.negative, steps=args.steps, seed=args.seed, width=args.width,
                   height=args.height, cfg=args.cfg, use_t5=not args.no_t5, batch=args.batch, mode=args.mode,
                   progress=not args.quiet)
+    prompt, workflow = comfyui_graph(args, checkpoint)
     for image, path in zip(images, paths, strict=True):
-        save_png(image, path)
+        save_png(image, path, {"prompt": prompt, "workflow": workflow})
         print(path)
     return 0
 

@@ -1,5 +1,6 @@
 """The ``sd35-flash`` command line: images out, one-line errors with status 2, and ``info``."""
 
+import json
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from sd35_flash.flash_core import cli
 from sd35_flash.flash_core.checkpoint import FlashMetadata
 
 from factories import TOKENIZERS, write_tiny_checkpoint
+from workflow_check import check_graph
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,30 @@ def test_generate_writes_png_files(checkpoint, tmp_path, capsys):
     assert Image.open(tmp_path / "img_0.png").size == (64, 32)
     assert Image.open(tmp_path / "img_1.png").size == (64, 32)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+
+
+@pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
+def test_png_carries_the_comfyui_prompt_and_workflow(checkpoint, tmp_path):
+    """Each PNG holds the ComfyUI graph of the run, in the chunks ComfyUI's SaveImage writes: dropped on ComfyUI,
+    it opens the graph that makes the same image."""
+    out = tmp_path / "cat.png"
+    assert cli.main(["generate", "-c", str(checkpoint), "--tokenizers", str(TOKENIZERS), "-p", "a red circle",
+                     "-o", str(out), "--width", "48", "--height", "32", "--seed", "11", "--steps", "2",
+                     "--batch", "2", "--cfg", "2.5", "-n", "blurry", "--no-t5", "--quiet"]) == 0
+    for path in (tmp_path / "cat_0.png", tmp_path / "cat_1.png"):
+        text = Image.open(path).text
+        assert list(text) == ["prompt", "workflow"]
+        prompt, workflow = json.loads(text["prompt"]), json.loads(text["workflow"])
+        assert check_graph(prompt, workflow) == []
+        nodes = {n["class_type"]: n["inputs"] for n in prompt.values() if n["class_type"] != "CLIPTextEncode"}
+        assert nodes["SD35FlashCheckpointLoader"] == {"ckpt_name": "tiny.safetensors", "t5": "off",
+                                                      "weight_dtype": "auto"}
+        sampler = nodes["SD35FlashSampler"]
+        assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["mode"]) == (11, 2, 2.5, "auto")
+        assert nodes["EmptySD3LatentImage"] == {"width": 48, "height": 32, "batch_size": 2}
+        texts = {n["_meta"]["title"]: n["inputs"]["text"] for n in prompt.values() if n["class_type"] == "CLIPTextEncode"}
+        assert texts == {"Positive Prompt": "a red circle", "Negative Prompt": "blurry"}
+        assert nodes["SaveImage"]["filename_prefix"] == "cat"
 
 
 def _error_line(args, capsys):

@@ -164,8 +164,12 @@ def test_example_workflow_runs_to_a_saved_image(server, path):
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = saved_images(server, entry)
     assert images and all(Image.open(p).size[0] >= 16 for p in images)
+    loader = next(i for i, n in json.loads(path.read_text()).items() if n["class_type"] == "SD35FlashCheckpointLoader")
+    cached = {n for m in messages if m["type"] == "execution_cached" for n in m["data"]["nodes"]}
     reports = [m["data"] for m in messages if m["type"] == "sd35_flash.loader_info"]
-    assert reports and reports[0]["info"]["architecture"].startswith("custom MM-DiT-X")
+    if loader not in cached:  # a loader that ran (rather than came from ComfyUI's cache) reported what it found
+        assert [r["node"] for r in reports] == [loader]
+        assert reports[0]["info"]["architecture"].startswith("custom MM-DiT-X")
 
 
 @pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
