@@ -238,8 +238,8 @@ def index_checkpoint(path: str | os.PathLike, component: str | None = None) -> C
             family = _foreign_family(refs)
             found = f"it looks like {family}" if family else f"its first keys are {sorted(refs)[:3]}"
             raise CheckpointError(
-                f"'{path}' is not an SD3-class checkpoint: {found}. Expected an MM-DiT "
-                f"('{MMDIT_PREFIX}joint_blocks.0.context_block.attn.qkv.weight'), a VAE, or SD3 text encoders."
+                f"'{path}' is not an SD3-class checkpoint: {found}; expected an MM-DiT "
+                f"('{MMDIT_PREFIX}joint_blocks.0.context_block.attn.qkv.weight'), a VAE, or SD3 text encoders"
             )
         files = CheckpointFiles(layout="single component file")
         found = kind.removesuffix("_diffusers")

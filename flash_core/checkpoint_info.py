@@ -153,7 +153,12 @@ def loader_report(files: CheckpointFiles, *, source: str, weight_dtype=None, t5:
     layout, components, whether T5 was loaded (``on``/``off``/``absent``), weight format, the student grid and
     sampler mode from the metadata, and the estimated weight memory per part."""
     metadata = metadata or FlashMetadata()
-    architecture = component_details(files, "mmdit")["architecture"] if files.has("mmdit") else None
+    architecture = None
+    if files.has("mmdit"):
+        details = component_details(files, "mmdit")
+        architecture = details["architecture"]
+        if architecture.startswith("custom"):
+            architecture += f" (depth {details['depth']}, hidden {details['hidden']})"
     stored = Counter(str(r.dtype).removeprefix("torch.") for c in files.components.values() for r in c.values())
     names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     weight_format = (names.get(str(weight_dtype).removeprefix("torch."), str(weight_dtype)) if weight_dtype
