@@ -132,7 +132,12 @@ def run_prompt(server, prompt: dict, timeout: float = 300) -> tuple[dict, list]:
         return prompt_id, messages
 
     prompt_id, messages = asyncio.run(asyncio.wait_for(go(), timeout))
-    return get(f"{server['url']}/history/{prompt_id}")[prompt_id], messages
+    for _ in range(300):  # the history entry is written just after the execution_success event is sent
+        history = get(f"{server['url']}/history/{prompt_id}")
+        if prompt_id in history:
+            return history[prompt_id], messages
+        time.sleep(0.1)
+    raise AssertionError(f"prompt {prompt_id} finished but has no history entry after 30 s")
 
 
 def saved_images(server, entry: dict) -> list[Path]:
