@@ -1,0 +1,262 @@
+"""Stage 0, teacher data (ALGORITHM.md "Stage 0"): prompts -> teacher samples in resumable safetensors shards.
+
+Per sample: the initial noise, the teacher's latents at every stored sigma (the student grids are on the teacher's
+path exactly: the teacher's shifted schedule is merged with them), the final x0, and the text conditioning with and
+without T5. Conditioning is stored unpadded (the encoders' own widths) and padded to the SD3 widths on load.
+
+Files: ``manifest.json`` (sigmas, prompts, widths, shards) and ``shard_NNNNN.safetensors``. A shard is written to a
+temporary name and renamed, then recorded in the manifest (also written atomically); a rerun skips recorded shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..flash_core.checkpoint import atomic_save
+from ..flash_core.schedule import (
+    STUDENT_SIGMAS,
+    cfg_velocity,
+    initial_noise,
+    sigma_to_timestep,
+    teacher_sigmas,
+)
+from ..flash_core.text import CLIP_L_WIDTH, CLIP_LENGTH, CONTEXT_DIM
+from .config import Config, ConfigError
+
+MANIFEST = "manifest.json"
+FORMAT = "sd35_flash.teacher_data/1"
+
+
+def store_sigmas(config: Config) -> list[float]:
+    """Every student grid a later stage may ask for: both defaults and the configured one, with 0."""
+    grids = {s for grid in STUDENT_SIGMAS.values() for s in grid} | set(config.student.sigmas) | {0.0}
+    return sorted(grids, reverse=True)
+
+
+def teacher_path(steps: int, shift: float, through: list[float]) -> torch.Tensor:
+    """The teacher's shifted schedule with the ``through`` sigmas inserted (so its path passes them exactly)."""
+    sigmas = {round(float(s), 6) for s in teacher_sigmas(steps, shift)} | {round(s, 6) for s in through}
+    return torch.tensor(sorted(sigmas, reverse=True), dtype=torch.float32)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    try:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise ConfigError(f"data.prompts: no such file '{path}'") from None
+    if not prompts:
+        raise ConfigError(f"data.prompts: '{path}' holds no prompts (one per line expected)")
+    return prompts
+
+
+def conditioning_widths(text_encoder) -> tuple[int, int, int]:
+    """Unpadded widths: the CLIP part of the context, the T5 part (0 without T5), and CLIP-L's share of both the
+    CLIP part and the pooled vector (768 zeros stand for an absent CLIP-L, as in ComfyUI)."""
+    l_width = text_encoder.clip_l.config.hidden_size if text_encoder.clip_l is not None else CLIP_L_WIDTH
+    g_width = text_encoder.clip_g.config.hidden_size if text_encoder.clip_g is not None else 0
+    t5_width = text_encoder.t5.config.d_model if text_encoder.t5 is not None else 0
+    return l_width + g_width, t5_width, l_width
+
+
+def _write_json(path: Path, value) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def teacher_sample(mmdit, noise: torch.Tensor, cond: tuple, uncond: tuple | None, cfg: float,
+                   path: torch.Tensor, keep: list[float]) -> torch.Tensor:
+    """Euler with CFG along ``path`` from ``noise``; the latents at the ``keep`` sigmas, ``[B, len(keep), C, H, W]``."""
+    dtype = mmdit.dtype
+    context, pooled = cond
+    guided = uncond is not None and cfg != 1.0
+    if guided:
+        context = torch.cat([context, uncond[0].expand(len(context), -1, -1)])
+        pooled = torch.cat([pooled, uncond[1].expand(len(pooled), -1)])
+    context, pooled = context.to(dtype), pooled.to(dtype)
+    x, kept = noise * path[0], {}
+    wanted = {round(s, 6) for s in keep}
+    for i in range(len(path)):
+        sigma = round(float(path[i]), 6)
+        if sigma in wanted:
+            kept[sigma] = x.clone()
+        if i == len(path) - 1:
+            break
+        xin = torch.cat([x, x]) if guided else x
+        t = sigma_to_timestep(path[i].expand(len(xin)).to(x.device))
+        v = mmdit(xin.to(dtype), t, context, pooled).float()
+        if guided:
+            v = cfg_velocity(*v.chunk(2), cfg)
+        x = x + (path[i + 1] - path[i]) * v
+    return torch.stack([kept[round(s, 6)] for s in keep], dim=1)
+
+
+def _encode(text_encoder, prompts: list[str], use_t5: bool, widths: tuple[int, int]):
+    context, pooled = text_encoder.encode(prompts, use_t5=use_t5)
+    clip_width, t5_width, _ = widths
+    clip = context[:, :CLIP_LENGTH, :clip_width]
+    t5 = context[:, CLIP_LENGTH:, :t5_width] if use_t5 else None
+    return clip, t5, pooled
+
+
+def make_teacher_data(config: Config, pipe, progress: bool = True) -> Path:
+    """Stage 0: write (or complete) the teacher data for ``config`` with the teacher ``pipe`` (a FlashPipeline).
+
+    Returns the data folder. Shards already recorded in the manifest are kept; the rest are generated.
+    """
+    out = config.resolve(config.data.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(config.data.prompts)
+    keep = store_sigmas(config)
+    path = teacher_path(config.data.teacher_steps, config.data.shift, keep)
+    widths = conditioning_widths(pipe.text_encoder)
+    has_t5 = pipe.text_encoder.has_t5
+    total = len(prompts) * config.data.samples_per_prompt
+    shape = (16, config.data.height // 8, config.data.width // 8)
+    settings = {k: getattr(config.data, k) for k in ("teacher_steps", "teacher_cfg", "negative", "shift", "width",
+                                                     "height", "shard_size", "seed", "samples_per_prompt")}
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    if manifest is not None and (manifest["settings"] != settings or manifest["prompts"] != prompts):
+        raise ConfigError(f"{manifest_path}: holds data made with other settings or prompts; use a new data.dir")
+    if manifest is None:
+        manifest = {"format": FORMAT, "settings": settings, "prompts": prompts, "sigmas": keep, "latent": shape,
+                    "clip_width": widths[0], "clip_l_width": widths[2], "t5_width": widths[1] if has_t5 else 0, "count": total, "shards": []}
+    done = {s["file"] for s in manifest["shards"]}
+
+    uncond = {use: _encode(pipe.text_encoder, [config.data.negative], use, widths) for use in {False, has_t5}}
+    atomic_save({"clip": uncond[False][0], "pooled": uncond[False][2],
+                 **({"clip_t5": uncond[True][0], "t5": uncond[True][1], "pooled_t5": uncond[True][2]}
+                    if has_t5 else {})}, out / "uncond.safetensors")
+    n_shards = -(-total // config.data.shard_size)
+    bar = tqdm(total=total, desc="teacher data", disable=not progress)
+    for shard in range(n_shards):
+        name = f"shard_{shard:05d}.safetensors"
+        first, last = shard * config.data.shard_size, min(total, (shard + 1) * config.data.shard_size)
+        if name in done:
+            bar.update(last - first)
+            continue
+        tensors = _make_shard(pipe, config, prompts, range(first, last), shape, path, keep, widths, has_t5,
+                              uncond, bar)
+        atomic_save(tensors, out / name)
+        manifest["shards"].append({"file": name, "first": first, "count": last - first})
+        _write_json(manifest_path, manifest)
+    bar.close()
+    return out
+
+
+def _make_shard(pipe, config, prompts, indices, shape, path, keep, widths, has_t5, uncond, bar) -> dict:
+    rows = {"noise": [], "trajectory": [], "clip": [], "pooled": [], "t5": [], "pooled_t5": [], "prompt_index": []}
+    device = pipe.device
+    for i in indices:
+        prompt_index = i // config.data.samples_per_prompt
+        noise = initial_noise(config.data.seed + i, (1, *shape)).to(device)
+        clip, _, pooled = _encode(pipe.text_encoder, [prompts[prompt_index]], False, widths)
+        cond_key = True if has_t5 else False
+        if has_t5:
+            clip_t5, t5, pooled_t5 = _encode(pipe.text_encoder, [prompts[prompt_index]], True, widths)
+            cond = (pad_context(clip_t5, t5), pooled_t5)
+            rows["t5"].append(t5)
+            rows["pooled_t5"].append(pooled_t5)
+        else:
+            cond = (pad_context(clip, None), pooled)
+        u_clip, u_t5, u_pooled = uncond[cond_key]
+        trajectory = teacher_sample(pipe.mmdit, noise, cond, (pad_context(u_clip, u_t5), u_pooled),
+                                    config.data.teacher_cfg, path.to(device), keep)
+        rows["noise"].append(noise.cpu())
+        rows["trajectory"].append(trajectory.cpu())
+        rows["clip"].append(clip.cpu())
+        rows["pooled"].append(pooled.cpu())
+        rows["prompt_index"].append(torch.tensor([prompt_index]))
+        bar.update(1)
+    return {k: torch.cat(v).contiguous() for k, v in rows.items() if v}
+
+
+def pad_context(clip: torch.Tensor, t5: torch.Tensor | None) -> torch.Tensor:
+    """Unpadded CLIP (and T5) parts -> the SD3 context ``[B, 77 (+T), 4096]``."""
+    parts = [torch.nn.functional.pad(clip, (0, CONTEXT_DIM - clip.shape[-1]))]
+    if t5 is not None:
+        parts.append(torch.nn.functional.pad(t5, (0, CONTEXT_DIM - t5.shape[-1])))
+    return torch.cat(parts, dim=1)
+
+
+@dataclass
+class TeacherData:
+    """Teacher data in memory, with batches assembled for a stage (conditioning padded, encoder dropout applied)."""
+
+    sigmas: list[float]
+    tensors: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor]
+    clip_l_width: int
+    has_t5: bool
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TeacherData:
+        folder = Path(folder)
+        manifest_path = folder / MANIFEST
+        if not manifest_path.exists():
+            raise ConfigError(f"{folder}: no {MANIFEST}; run the data stage first (--stage data)")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise ConfigError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        if sum(s["count"] for s in manifest["shards"]) != manifest["count"]:
+            raise ConfigError(f"{manifest_path}: the data is incomplete; rerun the data stage to finish it")
+        parts: dict[str, list[torch.Tensor]] = {}
+        for shard in sorted(manifest["shards"], key=lambda s: s["first"]):
+            with safe_open(str(folder / shard["file"]), framework="pt") as f:
+                for key in f.keys():
+                    parts.setdefault(key, []).append(f.get_tensor(key))
+        with safe_open(str(folder / "uncond.safetensors"), framework="pt") as f:
+            uncond = {key: f.get_tensor(key) for key in f.keys()}
+        return cls(manifest["sigmas"], {k: torch.cat(v) for k, v in parts.items()}, uncond,
+                   manifest["clip_l_width"], manifest["t5_width"] > 0)
+
+    def __len__(self) -> int:
+        return len(self.tensors["noise"])
+
+    def sigma_indices(self, grid: list[float]) -> list[int]:
+        """Positions of ``grid``'s sigmas in the stored trajectory (an error names a sigma that is not stored)."""
+        stored = [round(s, 6) for s in self.sigmas]
+        missing = [s for s in grid if round(s, 6) not in stored]
+        if missing:
+            raise ConfigError(f"student.sigmas: {missing} not in the teacher data (stored: {self.sigmas})")
+        return [stored.index(round(s, 6)) for s in grid]
+
+    def batch(self, indices: torch.Tensor, use_t5: bool, drop_l: torch.Tensor, drop_g: torch.Tensor) -> dict:
+        """Noise, trajectory, and (context, pooled) for ``indices``; ``drop_l``/``drop_g`` ([B] bool) zero that
+        CLIP's channels (its absent-encoder conditioning, ALGORITHM.md "Text encoders and T5 dropout")."""
+        t = self.tensors
+        use_t5 = use_t5 and self.has_t5
+        clip = t["clip"][indices].clone()
+        pooled = (t["pooled_t5"] if use_t5 else t["pooled"])[indices].clone()
+        _drop_clip(clip, pooled, drop_l, drop_g, self.clip_l_width)
+        context = pad_context(clip, t["t5"][indices] if use_t5 else None)
+        return {"noise": t["noise"][indices], "trajectory": t["trajectory"][indices], "context": context,
+                "pooled": pooled}
+
+    def uncond_batch(self, n: int, use_t5: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        u = self.uncond
+        if use_t5 and self.has_t5:
+            return pad_context(u["clip_t5"], u["t5"]).expand(n, -1, -1), u["pooled_t5"].expand(n, -1)
+        return pad_context(u["clip"], None).expand(n, -1, -1), u["pooled"].expand(n, -1)
+
+
+def _drop_clip(clip: torch.Tensor, pooled: torch.Tensor, drop_l: torch.Tensor, drop_g: torch.Tensor,
+               l_width: int) -> None:
+    """Zero CLIP-L's channels (the first ``l_width`` of the CLIP context and of pooled) or CLIP-G's (the rest)
+    per sample, in place."""
+    clip[drop_l, :, :l_width] = 0
+    clip[drop_g, :, l_width:] = 0
+    pooled[drop_l, :l_width] = 0
+    pooled[drop_g, l_width:] = 0

@@ -1,0 +1,498 @@
+"""The distillation loop: Stage A (trajectory pre-training), Stage B (DMD), Stage C (split fine-tuning) and the
+merge, from one config (ALGORITHM.md; :mod:`.objectives` holds the losses).
+
+* Randomness is drawn per step from ``(seed, stage, step)`` for the *global* batch and sliced per rank, so a
+  resumed run, and a run on N processes, draw exactly what one uninterrupted process draws.
+* State (weights, optimizer moments, EMA) is saved every ``checkpoint_every`` steps as safetensors, atomically,
+  keeping the newest ``keep_last``; ``resume`` continues from the newest.
+* Each stage ends with a checkpoint in the official layout (the teacher's text encoders and VAE included) with
+  our metadata: student grid, sampler mode, T5 convention, provenance (stage, iterations, config hash).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..flash_core.checkpoint import (
+    FlashMetadata,
+    component_state_dict,
+    index_checkpoint,
+    load_mmdit,
+    save_checkpoint,
+)
+from ..flash_core.mmdit import MMDiTConfig
+from ..flash_core.schedule import SD35_SHIFT, STUDENT_SIGMAS, shift_sigma, sigma_to_timestep
+from . import objectives as obj
+from .config import Config, ConfigError, OptimConfig, to_toml
+from .data import TeacherData
+from .state import list_states, load_state, save_state
+
+STAGES = ("pretrain", "dmd", "split", "merge")
+T5_CONVENTION = "optional: 77 CLIP tokens when off"
+
+
+# ------------------------------------------------------------------------------------------------ plumbing
+
+
+@dataclass
+class World:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, config: Config) -> World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        device = _device(config.model.device)
+        if size > 1 and not dist.is_initialized():
+            backend = config.distributed.backend
+            if backend == "auto":
+                backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+        rank = dist.get_rank() if size > 1 else 0
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        return cls(rank, size, device)
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a global-batch tensor."""
+        n = x.shape[0] // self.size
+        return x[self.rank * n:(self.rank + 1) * n]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The generator for one step of one stage: identical on every rank and after a resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + STAGES.index(stage) * 100_003 + step)
+
+
+def velocity_fn(model: torch.nn.Module, context: torch.Tensor, pooled: torch.Tensor, autocast: bool = False,
+                uncond: tuple[torch.Tensor, torch.Tensor] | None = None, cfg: float = 1.0) -> obj.VelocityFn:
+    """Bind conditioning (and CFG) to an MM-DiT: ``v(x, sigma)`` in fp32."""
+    dtype = next(model.parameters()).dtype
+
+    def v(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            if uncond is not None and cfg != 1.0:
+                out = model(torch.cat([x, x]).to(dtype), sigma_to_timestep(torch.cat([sigma, sigma])),
+                            torch.cat([context, uncond[0]]).to(dtype), torch.cat([pooled, uncond[1]]).to(dtype))
+                cond, un = out.float().chunk(2)
+                return un + cfg * (cond - un)
+            return model(x.to(dtype), sigma_to_timestep(sigma), context.to(dtype), pooled.to(dtype)).float()
+
+    return v
+
+
+def enable_gradient_checkpointing(mmdit: torch.nn.Module) -> None:
+    """Recompute each joint block in the backward pass instead of keeping its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in mmdit.joint_blocks:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False)
+
+
+def make_optimizer(params, config: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, config: OptimConfig, step: int) -> float:
+    lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   config: OptimConfig) -> float:
+    """Backward, clip, step; returns the gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
+    optimizer.step()
+    return float(norm)
+
+
+class CSVLog:
+    """One CSV per stage (appended on resume), and TensorBoard scalars when tensorboard is installed."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled, self.writer = path, enabled, None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(path.parent / "tensorboard" / path.stem))
+            except Exception:  # tensorboard is optional
+                self.writer = None
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", *values])
+            if new:
+                writer.writeheader()
+            writer.writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+
+
+class Trainer:
+    """Runs one stage (or all) of the distillation described by ``config``."""
+
+    def __init__(self, config: Config, world: World | None = None, progress: bool = True,
+                 on_step: Callable[[str, int, int, dict], None] | None = None):
+        self.config, self.world = config, world or World.from_env(config)
+        self.progress = progress and self.world.main
+        self.on_step = on_step  # (stage, step, total, values): for the ComfyUI nodes' progress and chart
+        self.out = Path(config.train.out)
+        self.sigmas = torch.tensor(self.student_grid(), dtype=torch.float32)
+        self._data: TeacherData | None = None
+        self._teacher: torch.nn.Module | None = None
+
+    # -------------------------------------------------------------------------------------------- inputs
+
+    def student_grid(self) -> list[float]:
+        grid = list(self.config.student.sigmas) or list(STUDENT_SIGMAS[self.config.student.steps])
+        return grid if grid[-1] == 0.0 else [*grid, 0.0]
+
+    @property
+    def data(self) -> TeacherData:
+        if self._data is None:
+            self._data = TeacherData.load(self.config.resolve(self.config.data.dir))
+            self._trajectory_index = self._data.sigma_indices(self.student_grid())
+        return self._data
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        """The frozen teacher MM-DiT (the real score of DMD)."""
+        if self._teacher is None:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.config.model.dtype]
+            self._teacher = load_mmdit(self._checkpoint_mmdit(self.config.model.teacher, "model.teacher"),
+                                       dtype=dtype, device=self.world.device).eval().requires_grad_(False)
+        return self._teacher
+
+    def _checkpoint_mmdit(self, path: str, key: str) -> dict[str, torch.Tensor]:
+        if not path:
+            raise ConfigError(f"{key}: no checkpoint given")
+        files = index_checkpoint(path)
+        if not files.has("mmdit"):
+            raise ConfigError(f"{key}: '{path}' holds no MM-DiT")
+        return component_state_dict(files, "mmdit")
+
+    def initial_student(self, stage: str) -> torch.nn.Module:
+        """The stage's starting weights: the previous stage's output if present, else ``student_init``/teacher."""
+        previous = {"pretrain": None, "dmd": "pretrain", "split": "dmd"}[stage]
+        if previous and self.stage_output(previous).exists():
+            path, key = str(self.stage_output(previous)), f"{previous} output"
+        else:
+            path, key = self.config.model.student_init or self.config.model.teacher, "model.student_init"
+        student = load_mmdit(self._checkpoint_mmdit(path, key), dtype=torch.float32, device=self.world.device)
+        if self.config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(student)
+        return student.requires_grad_(True).train()
+
+    def stage_output(self, stage: str) -> Path:
+        return self.out / f"{stage}.safetensors"
+
+    def batch(self, generator: torch.Generator) -> dict:
+        """A global batch drawn with ``generator`` (indices, T5 and CLIP dropout), then this rank's slice."""
+        b, d = self.config.train.batch_size, self.config.dropout
+        indices = torch.randint(len(self.data), (b,), generator=generator)
+        use_t5 = bool(torch.rand((), generator=generator) >= d.t5)
+        drop_l = torch.rand(b, generator=generator) < d.clip_l
+        drop_g = torch.rand(b, generator=generator) < d.clip_g
+        drop_l &= ~drop_g  # never both: a sample keeps at least one CLIP
+        full = self.data.batch(indices, use_t5, drop_l, drop_g)
+        full["trajectory"] = full["trajectory"][:, self._trajectory_index]
+        local = {k: self.world.local(v).to(self.world.device) for k, v in full.items()}
+        local["use_t5"] = use_t5
+        return local
+
+    # -------------------------------------------------------------------------------------------- stages
+
+    def run(self, stage: str, resume: bool = False) -> Path:
+        if self.config.train.batch_size % self.world.size:
+            raise ConfigError(f"train.batch_size: {self.config.train.batch_size} does not split over "
+                              f"{self.world.size} processes")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.world.main:
+            (self.out / "config.toml").write_text(to_toml(self.config))
+        if stage == "merge":
+            return self.merge()
+        return {"pretrain": self.pretrain, "dmd": self.dmd, "split": self.split}[stage](resume)
+
+    def _loop(self, stage: str, iterations: int, resume: bool, modules: dict, optimizers: dict,
+              step_fn: Callable[[int, torch.Generator], dict[str, float]]) -> None:
+        folder = self.out / "state" / stage
+        start = 0
+        if resume and list_states(folder):
+            start, _ = load_state(list_states(folder)[-1], modules, optimizers)
+        log = CSVLog(self.out / f"log_{stage}.csv", self.world.main)
+        bar = tqdm(total=iterations, initial=start, desc=stage, disable=not self.progress)
+        for step in range(start, iterations):
+            tic = time.perf_counter()
+            values = step_fn(step, step_generator(self.config.train.seed, stage, step))
+            values["sec_per_it"] = time.perf_counter() - tic
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k in ("loss", "dmd", "fake")})
+            if self.on_step is not None:
+                self.on_step(stage, step + 1, iterations, values)
+            if (step + 1) % self.config.train.log_every == 0 or step + 1 == iterations:
+                log.write(step + 1, values)
+            if self.world.main and ((step + 1) % self.config.train.checkpoint_every == 0 or step + 1 == iterations):
+                save_state(folder, step + 1, modules, optimizers, {"stage": stage}, self.config.train.keep_last)
+        bar.close()
+
+    def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world.size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.world.device] if self.world.device.type == "cuda"
+                                       else None)
+
+    def pretrain(self, resume: bool = False) -> Path:
+        """Stage A: trajectory guidance (ALGORITHM.md "Stage A")."""
+        cfg = self.config.pretrain
+        student = self.initial_student("pretrain")
+        model = self._ddp(student)
+        optimizer = make_optimizer(student.parameters(), cfg.optim)
+        autocast = self.config.train.autocast == "bf16"
+
+        def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
+            batch = self.batch(generator)
+            segment = self.world.local(torch.randint(self.config.student.steps, (self.config.train.batch_size,),
+                                                     generator=generator)).to(self.world.device)
+            rows = torch.arange(len(segment), device=segment.device)
+            x_start, x_end = batch["trajectory"][rows, segment], batch["trajectory"][rows, segment + 1]
+            sigmas = self.sigmas.to(self.world.device)
+            v = velocity_fn(model, batch["context"], batch["pooled"], autocast)
+            loss = obj.trajectory_loss(v, x_start, x_end, sigmas[segment], sigmas[segment + 1], cfg.loss,
+                                       cfg.huber_c)
+            lr = set_lr(optimizer, cfg.optim, step)
+            norm = optimizer_step(model, optimizer, loss, cfg.optim)
+            return {"loss": loss.item(), "grad_norm": norm, "lr": lr}
+
+        self._loop("pretrain", cfg.iterations, resume, {"student": student}, {"student": optimizer}, step_fn)
+        return self.save_output("pretrain", student, cfg.iterations)
+
+    def _fake_score(self) -> torch.nn.Module:
+        """The fake score network, initialised from the teacher (ALGORITHM.md "Stage B"), trained in fp32."""
+        return copy.deepcopy(self.teacher).float().requires_grad_(True).train()
+
+    def _dmd_step(self, student_model, fake_model, fake_opt, student_opt, optim_cfg, generator: torch.Generator,
+                  step: int, ks: list[int] | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
+        """One DMD iteration: fake-score updates, then (after warm-up) the generator loss, returned unstepped."""
+        cfg, d = self.config.dmd, self.world.device
+        autocast = self.config.train.autocast == "bf16"
+        sigmas = self.sigmas.to(d)
+        batch = self.batch(generator)
+        n = batch["noise"].shape[0]
+        values: dict[str, float] = {}
+        student_v = velocity_fn(student_model, batch["context"], batch["pooled"], autocast)
+        fake_v = velocity_fn(fake_model, batch["context"], batch["pooled"], autocast)
+        choices = ks if ks is not None else list(range(self.config.student.steps))
+        fake_losses = []
+        for _ in range(cfg.fake_updates_per_step):
+            k = choices[int(torch.randint(len(choices), (), generator=generator))]
+            with torch.no_grad():
+                x_k = obj.rollout(student_v, batch["noise"], sigmas, k)
+                x0 = obj.x0_from_velocity(x_k, student_v(x_k, sigmas[k].expand(n)), sigmas[k])
+            eps = self.world.local(torch.randn((self.config.train.batch_size, *x0.shape[1:]), generator=generator)).to(d)
+            t = self.world.local(torch.rand(self.config.train.batch_size, generator=generator))
+            sigma = shift_sigma(t, SD35_SHIFT).to(d)
+            fake_loss = obj.flow_matching_loss(fake_v, x0, eps, sigma)
+            optimizer_step(fake_model, fake_opt, fake_loss, cfg.fake_optim)
+            fake_losses.append(fake_loss.item())
+        values["fake"] = sum(fake_losses) / len(fake_losses)
+        if step < cfg.fake_warmup_steps:
+            return values, None
+        k = choices[int(torch.randint(len(choices), (), generator=generator))]
+        b = self.config.train.batch_size
+        renoise_eps = self.world.local(torch.randn((b, *batch["noise"].shape[1:]), generator=generator)).to(d)
+        renoise_u = self.world.local(torch.rand(b, generator=generator)).to(d)
+        gs = obj.generator_step(student_v, batch["noise"], sigmas, k, cfg.score_sample, renoise_eps, renoise_u,
+                                tuple(cfg.renoise_range))
+        uncond = self.data.uncond_batch(n, batch["use_t5"])
+        real_v = velocity_fn(self.teacher, batch["context"], batch["pooled"], autocast,
+                             tuple(u.to(d) for u in uncond), cfg.real_cfg)
+        x0_real = obj.score_x0(real_v, gs.x_score, gs.sigma_score)
+        x0_fake = obj.score_x0(velocity_fn(fake_model, batch["context"], batch["pooled"], autocast), gs.x_score,
+                               gs.sigma_score)
+        g = obj.dmd_gradient(gs.x0_hat, x0_real, x0_fake, cfg.normaliser, cfg.g_clip)
+        loss = obj.dmd_generator_loss(gs.x0_hat, g)
+        values.update(dmd=loss.item(), g_abs=float(g.abs().mean()), k=float(k))
+        if cfg.trajectory_weight > 0:
+            rows = torch.arange(n, device=d)
+            kk = torch.full((n,), k, device=d)
+            anchor = obj.trajectory_loss(student_v, batch["trajectory"][rows, kk], batch["trajectory"][rows, kk + 1],
+                                         sigmas[k], sigmas[k + 1])
+            loss = loss + cfg.trajectory_weight * anchor
+            values["trajectory"] = anchor.item()
+        values["loss"] = loss.item()
+        return values, loss
+
+    def dmd(self, resume: bool = False) -> Path:
+        """Stage B: DMD with timestep sharing (ALGORITHM.md "Stage B")."""
+        cfg = self.config.dmd
+        student, fake = self.initial_student("dmd"), self._fake_score()
+        student_model, fake_model = self._ddp(student), self._ddp(fake)
+        student_opt = make_optimizer(student.parameters(), cfg.optim)
+        fake_opt = make_optimizer(fake.parameters(), cfg.fake_optim)
+
+        def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
+            set_lr(fake_opt, cfg.fake_optim, step)
+            values, loss = self._dmd_step(student_model, fake_model, fake_opt, student_opt, cfg.optim, generator, step)
+            if loss is not None:
+                values["lr"] = set_lr(student_opt, cfg.optim, step - cfg.fake_warmup_steps)
+                values["grad_norm"] = optimizer_step(student_model, student_opt, loss, cfg.optim)
+            return values
+
+        self._loop("dmd", cfg.iterations, resume, {"student": student, "fake": fake},
+                   {"student": student_opt, "fake": fake_opt}, step_fn)
+        return self.save_output("dmd", student, cfg.iterations)
+
+    def branch_steps(self) -> tuple[list[int], list[int]]:
+        """Student step indices of the high-noise branch (``1000 * sigma > boundary``) and of the low one."""
+        timesteps = [1000.0 * float(s) for s in self.sigmas[:-1]]
+        high = [k for k, t in enumerate(timesteps) if t > self.config.split.boundary]
+        low = [k for k, t in enumerate(timesteps) if t <= self.config.split.boundary]
+        if not high or not low:
+            raise ConfigError(f"split.boundary: {self.config.split.boundary} leaves a branch with no student steps "
+                              f"(step timesteps {timesteps})")
+        return high, low
+
+    def split(self, resume: bool = False) -> Path:
+        """Stage C: two branches on disjoint timestep ranges with per-branch EMA; then the merge."""
+        cfg = self.config.split
+        high_steps, low_steps = self.branch_steps()
+        start = self.initial_student("split")
+        branches = {"high": start, "low": copy.deepcopy(start)}
+        emas = {name: {k: v.detach().clone() for k, v in b.state_dict().items()} for name, b in branches.items()}
+        models = {name: self._ddp(b) for name, b in branches.items()}
+        optim = self.config.dmd.optim if cfg.objective == "dmd" else self.config.pretrain.optim
+        opts = {name: make_optimizer(b.parameters(), optim) for name, b in branches.items()}
+        fake = self._fake_score() if cfg.objective == "dmd" else None
+        fake_model = self._ddp(fake) if fake is not None else None
+        fake_opt = make_optimizer(fake.parameters(), self.config.dmd.fake_optim) if fake is not None else None
+
+        def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
+            values = {}
+            for name, ks in (("high", high_steps), ("low", low_steps)):
+                if cfg.objective == "dmd":
+                    vals, loss = self._dmd_step(models[name], fake_model, fake_opt, opts[name], optim, generator,
+                                                step + self.config.dmd.fake_warmup_steps, ks)
+                else:
+                    vals, loss = self._trajectory_step(models[name], generator, ks)
+                set_lr(opts[name], optim, step)
+                optimizer_step(models[name], opts[name], loss, optim)
+                obj.ema_update(emas[name], dict(branches[name].state_dict()), cfg.ema_decay)
+                values.update({f"{name}_{k}": v for k, v in vals.items() if k in ("loss", "fake", "g_abs")})
+            values["loss"] = (values["high_loss"] + values["low_loss"]) / 2
+            return values
+
+        modules = {"high": branches["high"], "low": branches["low"], "ema_high": emas["high"], "ema_low": emas["low"]}
+        optimizers = dict(opts)
+        if fake is not None:
+            modules["fake"], optimizers["fake"] = fake, fake_opt
+        self._loop("split", cfg.iterations, resume, modules, optimizers, step_fn)
+        for name in ("high", "low"):
+            self.save_output(f"branch_{name}", emas[name], cfg.iterations, stage="split")
+        return self.merge()
+
+    def _trajectory_step(self, model, generator, ks: list[int]):
+        batch = self.batch(generator)
+        n, d = batch["noise"].shape[0], self.world.device
+        choice = torch.tensor(ks)[torch.randint(len(ks), (self.config.train.batch_size,), generator=generator)]
+        segment = self.world.local(choice).to(d)
+        rows = torch.arange(n, device=d)
+        sigmas = self.sigmas.to(d)
+        v = velocity_fn(model, batch["context"], batch["pooled"], self.config.train.autocast == "bf16")
+        loss = obj.trajectory_loss(v, batch["trajectory"][rows, segment], batch["trajectory"][rows, segment + 1],
+                                   sigmas[segment], sigmas[segment + 1], self.config.pretrain.loss,
+                                   self.config.pretrain.huber_c)
+        return {"loss": loss.item()}, loss
+
+    def merge(self) -> Path:
+        """Interpolate the branch EMAs: ``a * high + (1 - a) * low`` (ALGORITHM.md "Stage C")."""
+        branches = {}
+        for name in ("high", "low"):
+            path = self.stage_output(f"branch_{name}")
+            if not path.exists():
+                raise ConfigError(f"merge: '{path}' is missing; run the split stage first")
+            branches[name] = component_state_dict(index_checkpoint(path), "mmdit")
+        merged = obj.merge_weights(branches["high"], branches["low"], self.config.split.merge_alpha)
+        return self.save_output("merged", merged, self.config.split.iterations, stage="merge")
+
+    # -------------------------------------------------------------------------------------------- outputs
+
+    def save_output(self, name: str, mmdit, iterations: int, stage: str | None = None) -> Path:
+        """An official-layout checkpoint: the student MM-DiT plus the teacher's VAE and text encoders."""
+        path = self.stage_output(name)
+        if not self.world.main:
+            return path
+        teacher = index_checkpoint(self.config.model.teacher)
+        parts = {c: component_state_dict(teacher, c) for c in ("vae", "clip_l", "clip_g", "t5") if teacher.has(c)}
+        state = mmdit.state_dict() if isinstance(mmdit, torch.nn.Module) else mmdit
+        config = getattr(mmdit, "config", None) or MMDiTConfig.from_state_dict(state)
+        metadata = FlashMetadata(
+            architecture=config.to_dict(), student_sigmas=self.student_grid(),
+            sampler_mode=self.config.student.sampler_mode, t5=T5_CONVENTION,
+            training={"stage": stage or name, "iterations": iterations, "config_hash": self.config.hash()})
+        return save_checkpoint(path, mmdit={k: v.float() for k, v in state.items()}, metadata=metadata, **parts)
+
+
+def run_stages(config: Config, stage: str = "all", resume: bool = False, progress: bool = True,
+               teacher_pipe_factory: Callable | None = None) -> Path:
+    """The headless entry point (CLI and ComfyUI nodes): ``data``, one training stage, or ``all`` in order."""
+    from .data import make_teacher_data
+
+    stages = ["data", *STAGES[:-1]] if stage == "all" else [stage]
+    world = World.from_env(config)
+    result = Path(config.train.out)
+    for name in stages:
+        if name == "data":
+            if world.main:
+                pipe = (teacher_pipe_factory or _teacher_pipe)(config)
+                result = make_teacher_data(config, pipe, progress)
+            if world.size > 1:
+                dist.barrier()
+        else:
+            result = Trainer(config, world, progress).run(name, resume)
+    return result
+
+
+def _teacher_pipe(config: Config):
+    from ..flash_core.pipeline import FlashPipeline
+
+    return FlashPipeline.from_checkpoint(config.model.teacher, tokenizers=config.model.tokenizers or None,
+                                         dtype=config.model.dtype, device=config.model.device)
