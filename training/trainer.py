@@ -177,6 +177,7 @@ class Trainer:
         self.sigmas = torch.tensor(self.student_grid(), dtype=torch.float32)
         self._data: TeacherData | None = None
         self._teacher: torch.nn.Module | None = None
+        self.models: dict[str, torch.nn.Module] = {}  # the last stage's trained networks
 
     # -------------------------------------------------------------------------------------------- inputs
 
@@ -272,6 +273,22 @@ class Trainer:
                 save_state(folder, step + 1, modules, optimizers, {"stage": stage}, self.config.train.keep_last)
         bar.close()
 
+    def finish(self, stage: str, models: dict[str, torch.nn.Module]) -> None:
+        """Keep the stage's networks and, under torchrun, check that every rank holds the same weights."""
+        self.models = models
+        if self.world.size == 1:
+            return
+        for name, model in models.items():
+            flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+            stats = torch.stack([flat.sum(), flat.square().sum(), flat.abs().max()]).to(self.world.device)
+            gathered = [torch.zeros_like(stats) for _ in range(self.world.size)]
+            dist.all_gather(gathered, stats)
+            if any(not torch.equal(gathered[0], other) for other in gathered[1:]):
+                raise RuntimeError(f"{stage}: the ranks' {name} weights differ after training: {gathered}")
+        if self.world.main:
+            (self.out / f"replicas_{stage}.txt").write_text(
+                f"{self.world.size} ranks hold identical weights for {', '.join(models)}\n")
+
     def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world.size == 1:
             return model
@@ -303,6 +320,7 @@ class Trainer:
             return {"loss": loss.item(), "grad_norm": norm, "lr": lr}
 
         self._loop("pretrain", cfg.iterations, resume, {"student": student}, {"student": optimizer}, step_fn)
+        self.finish("pretrain", {"student": student})
         return self.save_output("pretrain", student, cfg.iterations)
 
     def _fake_score(self) -> torch.nn.Module:
@@ -379,6 +397,7 @@ class Trainer:
 
         self._loop("dmd", cfg.iterations, resume, {"student": student, "fake": fake},
                    {"student": student_opt, "fake": fake_opt}, step_fn)
+        self.finish("dmd", {"student": student, "fake": fake})
         return self.save_output("dmd", student, cfg.iterations)
 
     def branch_steps(self) -> tuple[list[int], list[int]]:
@@ -425,6 +444,7 @@ class Trainer:
         if fake is not None:
             modules["fake"], optimizers["fake"] = fake, fake_opt
         self._loop("split", cfg.iterations, resume, modules, optimizers, step_fn)
+        self.finish("split", branches)
         for name in ("high", "low"):
             self.save_output(f"branch_{name}", emas[name], cfg.iterations, stage="split")
         return self.merge()

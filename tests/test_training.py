@@ -1,0 +1,176 @@
+"""The distillation end to end on a tiny teacher: teacher data, every stage, kill-and-resume, and 2-process DDP.
+
+The data stage runs once per module (3 prompts x 2 samples, 32 px, 8 teacher steps); each stage test trains for a
+few iterations only: what is checked is the plumbing (files, metadata, exact resume, rank agreement), while the
+objectives' numbers are checked in test_objectives.py.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sd35_flash.flash_core.checkpoint import FlashMetadata, component_state_dict, index_checkpoint
+from sd35_flash.flash_core.pipeline import FlashPipeline
+from sd35_flash.training.cli import main as train_main
+from sd35_flash.training.config import config_from_dict, load_config, to_toml
+from sd35_flash.training.data import TeacherData, make_teacher_data
+from sd35_flash.training.trainer import Trainer, World, run_stages
+
+from factories import TOKENIZERS, write_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
+
+
+def base_config(root: Path, **sections) -> dict:
+    config = {
+        "model": {"teacher": str(root / "teacher.safetensors"), "tokenizers": str(TOKENIZERS)},
+        "data": {"prompts": str(root / "prompts.txt"), "dir": str(root / "data"), "samples_per_prompt": 2,
+                 "teacher_steps": 8, "width": 32, "height": 32, "shard_size": 4},
+        "train": {"out": str(root / "run"), "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+        "pretrain": {"iterations": 4},
+        "dmd": {"iterations": 3, "fake_updates_per_step": 2, "trajectory_weight": 1.0},
+        "split": {"iterations": 2},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A tiny teacher, prompts, and its teacher data (made through the CLI's data stage)."""
+    root = tmp_path_factory.mktemp("train")
+    write_tiny_checkpoint(root / "teacher.safetensors")
+    (root / "prompts.txt").write_text("a red circle\na blue square\n\na green triangle\n")
+    (root / "config.toml").write_text(to_toml(config_from_dict(base_config(root))))
+    assert train_main([str(root / "config.toml"), "--stage", "data", "--quiet"]) == 0
+    return root
+
+
+def test_teacher_data_is_complete_and_rerun_skips_finished_shards(root):
+    data = TeacherData.load(root / "data")
+    assert len(data) == 6 and data.has_t5
+    assert data.sigmas[0] == 1.0 and data.sigmas[-1] == 0.0 and {0.9, 0.75, 0.5} <= set(data.sigmas)
+    assert data.tensors["trajectory"].shape == (6, len(data.sigmas), 16, 4, 4)
+    # the first stored point is the noise itself, as the teacher's path starts at sigma 1
+    assert torch.equal(data.tensors["trajectory"][:, 0], data.tensors["noise"])
+    shard = root / "data" / "shard_00000.safetensors"
+    before = shard.stat().st_mtime_ns
+    config = load_config(root / "config.toml")
+    pipe = FlashPipeline.from_checkpoint(config.model.teacher, tokenizers=TOKENIZERS, dtype="fp32", device="cpu")
+    make_teacher_data(config, pipe, progress=False)
+    assert shard.stat().st_mtime_ns == before  # recorded shards are not made again
+
+
+def test_encoder_dropout_zeroes_the_dropped_clip(root):
+    data = TeacherData.load(root / "data")
+    keep = data.batch(torch.tensor([0, 1]), True, torch.tensor([False, False]), torch.tensor([False, False]))
+    drop = data.batch(torch.tensor([0, 1]), True, torch.tensor([True, False]), torch.tensor([False, True]))
+    l_width = data.clip_l_width
+    assert drop["context"][0, :77, :l_width].abs().sum() == 0 and drop["pooled"][0, :l_width].abs().sum() == 0
+    assert torch.equal(drop["context"][0, :77, l_width:], keep["context"][0, :77, l_width:])
+    assert drop["context"][1, :77, l_width:].abs().sum() == 0 and torch.equal(drop["context"][1, 77:],
+                                                                              keep["context"][1, 77:])
+    no_t5 = data.batch(torch.tensor([0]), False, torch.tensor([False]), torch.tensor([False]))
+    assert no_t5["context"].shape == (1, 77, 4096) and keep["context"].shape[1] > 77
+
+
+def test_all_stages_make_a_checkpoint_that_generates(root, tmp_path):
+    config = config_from_dict(base_config(root, train={"out": str(tmp_path / "run")}))
+    merged = run_stages(config, "all", progress=False)
+    assert merged.name == "merged.safetensors"
+    for name in ("pretrain", "dmd", "branch_high", "branch_low", "merged"):
+        assert (tmp_path / "run" / f"{name}.safetensors").exists(), name
+    files = index_checkpoint(merged)
+    assert all(files.has(c) for c in ("mmdit", "vae", "clip_l", "clip_g", "t5"))
+    meta = FlashMetadata.from_safetensors(files.metadata)
+    assert meta.student_sigmas == [1.0, 0.9, 0.75, 0.5, 0.0] and meta.sampler_mode == "euler"
+    assert meta.training == {"stage": "merge", "iterations": 2, "config_hash": config.hash()}
+    high, low = (component_state_dict(index_checkpoint(tmp_path / "run" / f"branch_{n}.safetensors"), "mmdit")
+                 for n in ("high", "low"))
+    key = "joint_blocks.0.x_block.mlp.fc1.weight"
+    assert torch.allclose(component_state_dict(files, "mmdit")[key], 0.5 * high[key] + 0.5 * low[key], atol=1e-6)
+    assert (tmp_path / "run" / "config.toml").exists() and (tmp_path / "run" / "log_dmd.csv").exists()
+    pipe = FlashPipeline.from_checkpoint(merged, tokenizers=TOKENIZERS, dtype="fp32", device="cpu")
+    image = pipe("a red circle", steps=4, seed=0, width=32, height=32, progress=False)[0]
+    assert image.size == (32, 32)
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after(n: int):
+    def on_step(stage, step, total, values):
+        if step == n:
+            raise Killed
+    return on_step
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "dmd"])
+def test_killed_and_resumed_run_ends_with_the_same_weights(root, tmp_path, stage):
+    sections = {"train": {"out": str(tmp_path / "whole"), "checkpoint_every": 2},
+                "pretrain": {"iterations": 4}, "dmd": {"iterations": 4, "fake_warmup_steps": 1}}
+    whole = config_from_dict(base_config(root, **sections))
+    Trainer(whole, World(), progress=False).run(stage)
+    broken = replace(whole, train=replace(whole.train, out=str(tmp_path / "broken")))
+    with pytest.raises(Killed):
+        Trainer(broken, World(), progress=False, on_step=kill_after(3)).run(stage)  # state saved at step 2
+    resumed = Trainer(broken, World(), progress=False)
+    resumed.run(stage, resume=True)
+    for name in ("student", "fake") if stage == "dmd" else ("student",):
+        ours = load_output(tmp_path / "whole" / "state" / stage, name)
+        theirs = load_output(tmp_path / "broken" / "state" / stage, name)
+        assert ours and ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), f"{stage}: {name} differs after resume"
+
+
+def load_output(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    newest = sorted(folder.glob("step_*.safetensors"))[-1]
+    with safe_open(str(newest), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(root, tmp_path):
+    """torchrun with 2 CPU processes (gloo): both ranks end identical (the trainer checks it and says so), and the
+    weights equal a single-process run with the same global batch."""
+    sections = {"pretrain": {"iterations": 3}, "train": {"checkpoint_every": 100}}
+    one = config_from_dict(base_config(root, train={**sections["train"], "out": str(tmp_path / "one")},
+                                       pretrain=sections["pretrain"]))
+    Trainer(one, World(), progress=False).run("pretrain")
+    two_path = tmp_path / "two.toml"
+    two_path.write_text(to_toml(config_from_dict(base_config(
+        root, train={**sections["train"], "out": str(tmp_path / "two")}, pretrain=sections["pretrain"]))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "sd35_flash.training", str(two_path), "--stage", "pretrain", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks hold identical weights" in (tmp_path / "two" / "replicas_pretrain.txt").read_text()
+    single = component_state_dict(index_checkpoint(tmp_path / "one" / "pretrain.safetensors"), "mmdit")
+    ddp = component_state_dict(index_checkpoint(tmp_path / "two" / "pretrain.safetensors"), "mmdit")
+    worst = max((single[k] - ddp[k]).abs().max().item() for k in single)
+    print(f"DDP vs single process, max weight difference after 3 steps: {worst:.2e}")
+    assert worst < 1e-5
+
+
+def test_bad_config_is_one_line_with_the_key(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('[dmd]\nscore_sample = "shared_later"\n')
+    assert train_main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "dmd.score_sample" in err and "shared_next" in err
