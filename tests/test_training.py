@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from sd35_flash.flash_core.checkpoint import FlashMetadata, component_state_dict, index_checkpoint
@@ -21,9 +22,10 @@ from sd35_flash.flash_core.pipeline import FlashPipeline
 from sd35_flash.training.cli import main as train_main
 from sd35_flash.training.config import config_from_dict, load_config, to_toml
 from sd35_flash.training.data import TeacherData, make_teacher_data
+from sd35_flash.training.split import RoutedMMDiT
 from sd35_flash.training.trainer import Trainer, World, run_stages
 
-from factories import TOKENIZERS, write_tiny_checkpoint
+from factories import TOKENIZERS, tiny_mmdit, write_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
 
@@ -83,8 +85,12 @@ def test_encoder_dropout_zeroes_the_dropped_clip(root):
 
 
 def test_all_stages_make_a_checkpoint_that_generates(root, tmp_path):
-    config = config_from_dict(base_config(root, train={"out": str(tmp_path / "run")}))
+    config = config_from_dict(base_config(root, train={"out": str(tmp_path / "run"), "sample_every": 2,
+                                                       "sample_seeds": [0, 1, 2]}))
     merged = run_stages(config, "all", progress=False)
+    grids = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert grids == ["dmd_000002.png", "pretrain_000002.png", "pretrain_000004.png", "split_000002.png"]
+    assert Image.open(tmp_path / "run" / "samples" / "dmd_000002.png").size == (3 * 32, 32)
     assert merged.name == "merged.safetensors"
     for name in ("pretrain", "dmd", "branch_high", "branch_low", "merged"):
         assert (tmp_path / "run" / f"{name}.safetensors").exists(), name
@@ -174,3 +180,15 @@ def test_bad_config_is_one_line_with_the_key(tmp_path, capsys):
     assert train_main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "dmd.score_sample" in err and "shared_next" in err
+
+
+def test_routed_model_runs_each_branch_on_its_own_timesteps():
+    high, low = tiny_mmdit(seed=1), tiny_mmdit(seed=2)
+    routed = RoutedMMDiT(high, low, boundary=500.0)
+    g = torch.Generator().manual_seed(0)
+    x, context, y = torch.randn(3, 16, 4, 4, generator=g), torch.randn(3, 77, 4096, generator=g), torch.randn(3, 2048)
+    t = torch.tensor([900.0, 500.0, 250.0])
+    with torch.no_grad():
+        out = routed(x, t, context, y)
+        assert torch.allclose(out[:1], high(x[:1], t[:1], context[:1], y[:1]), atol=1e-6)
+        assert torch.allclose(out[1:], low(x[1:], t[1:], context[1:], y[1:]), atol=1e-6)

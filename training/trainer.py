@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..flash_core.checkpoint import (
@@ -29,6 +30,7 @@ from ..flash_core.checkpoint import (
     component_state_dict,
     index_checkpoint,
     load_mmdit,
+    load_vae,
     save_checkpoint,
 )
 from ..flash_core.mmdit import MMDiTConfig
@@ -36,6 +38,7 @@ from ..flash_core.schedule import SD35_SHIFT, STUDENT_SIGMAS, shift_sigma, sigma
 from . import objectives as obj
 from .config import Config, ConfigError, OptimConfig, to_toml
 from .data import TeacherData
+from .split import RoutedMMDiT
 from .state import list_states, load_state, save_state
 
 STAGES = ("pretrain", "dmd", "split", "merge")
@@ -173,11 +176,14 @@ class Trainer:
         self.config, self.world = config, world or World.from_env(config)
         self.progress = progress and self.world.main
         self.on_step = on_step  # (stage, step, total, values): for the ComfyUI nodes' progress and chart
+        self.on_preview: Callable | None = None  # (stage, step, PIL image) after each preview grid
         self.out = Path(config.train.out)
         self.sigmas = torch.tensor(self.student_grid(), dtype=torch.float32)
         self._data: TeacherData | None = None
         self._teacher: torch.nn.Module | None = None
         self.models: dict[str, torch.nn.Module] = {}  # the last stage's trained networks
+        self._vae = None
+        self.preview_model: torch.nn.Module | None = None  # what the stage's previews sample
 
     # -------------------------------------------------------------------------------------------- inputs
 
@@ -220,6 +226,30 @@ class Trainer:
         if self.config.train.gradient_checkpointing:
             enable_gradient_checkpointing(student)
         return student.requires_grad_(True).train()
+
+    @torch.no_grad()
+    def preview(self, mmdit: torch.nn.Module) -> Image.Image:
+        """A grid of student samples: fixed seeds (``train.sample_seeds``), the first prompts of the data, the
+        student grid with Euler, decoded with the teacher's VAE. The same noise every time, so grids compare."""
+        from ..flash_core.pipeline import latents_to_images
+        from ..flash_core.schedule import initial_noise, sample_euler
+        from ..flash_core.vae import process_out
+
+        if self._vae is None:
+            self._vae = load_vae(component_state_dict(index_checkpoint(self.config.model.teacher), "vae"),
+                                 device=self.world.device)
+        seeds = self.config.train.sample_seeds
+        index = torch.arange(len(seeds)) % len(self.data)
+        none = torch.zeros(len(seeds), dtype=torch.bool)
+        batch = self.data.batch(index, True, none, none)
+        shape = (1, *batch["noise"].shape[1:])
+        noise = torch.cat([initial_noise(seed, shape) for seed in seeds]).to(self.world.device)
+        d = self.world.device
+        v = velocity_fn(mmdit, batch["context"].to(d), batch["pooled"].to(d))
+        sigmas = self.sigmas.to(d)
+        latents = sample_euler(v, noise * sigmas[0], sigmas)
+        images = latents_to_images(self._vae.decode(process_out(latents)))
+        return image_grid(images)
 
     def stage_output(self, stage: str) -> Path:
         return self.out / f"{stage}.safetensors"
@@ -271,6 +301,13 @@ class Trainer:
                 log.write(step + 1, values)
             if self.world.main and ((step + 1) % self.config.train.checkpoint_every == 0 or step + 1 == iterations):
                 save_state(folder, step + 1, modules, optimizers, {"stage": stage}, self.config.train.keep_last)
+            every = self.config.train.sample_every
+            if self.world.main and every and self.preview_model is not None and (step + 1) % every == 0:
+                grid = self.preview(self.preview_model)
+                (self.out / "samples").mkdir(exist_ok=True)
+                grid.save(self.out / "samples" / f"{stage}_{step + 1:06d}.png")
+                if self.on_preview is not None:
+                    self.on_preview(stage, step + 1, grid)
         bar.close()
 
     def finish(self, stage: str, models: dict[str, torch.nn.Module]) -> None:
@@ -304,6 +341,7 @@ class Trainer:
         model = self._ddp(student)
         optimizer = make_optimizer(student.parameters(), cfg.optim)
         autocast = self.config.train.autocast == "bf16"
+        self.preview_model = student
 
         def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
             batch = self.batch(generator)
@@ -386,6 +424,7 @@ class Trainer:
         student_model, fake_model = self._ddp(student), self._ddp(fake)
         student_opt = make_optimizer(student.parameters(), cfg.optim)
         fake_opt = make_optimizer(fake.parameters(), cfg.fake_optim)
+        self.preview_model = student
 
         def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
             set_lr(fake_opt, cfg.fake_optim, step)
@@ -423,6 +462,7 @@ class Trainer:
         fake = self._fake_score() if cfg.objective == "dmd" else None
         fake_model = self._ddp(fake) if fake is not None else None
         fake_opt = make_optimizer(fake.parameters(), self.config.dmd.fake_optim) if fake is not None else None
+        self.preview_model = RoutedMMDiT(branches["high"], branches["low"], cfg.boundary)
 
         def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
             values = {}
@@ -489,6 +529,17 @@ class Trainer:
             sampler_mode=self.config.student.sampler_mode, t5=T5_CONVENTION,
             training={"stage": stage or name, "iterations": iterations, "config_hash": self.config.hash()})
         return save_checkpoint(path, mmdit={k: v.float() for k, v in state.items()}, metadata=metadata, **parts)
+
+
+def image_grid(images: list, columns: int | None = None):
+    """Images side by side in rows of ``columns`` (default: all in one row up to 8)."""
+    columns = columns or min(len(images), 8)
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
 
 
 def run_stages(config: Config, stage: str = "all", resume: bool = False, progress: bool = True,
