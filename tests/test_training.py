@@ -192,3 +192,19 @@ def test_routed_model_runs_each_branch_on_its_own_timesteps():
         out = routed(x, t, context, y)
         assert torch.allclose(out[:1], high(x[:1], t[:1], context[:1], y[:1]), atol=1e-6)
         assert torch.allclose(out[1:], low(x[1:], t[1:], context[1:], y[1:]), atol=1e-6)
+
+
+def test_a_user_stop_keeps_the_steps_trained_so_far(root, tmp_path):
+    """Ctrl-C (or ComfyUI's Cancel, registered by the nodes) saves the state of the last finished step."""
+    config = config_from_dict(base_config(root, train={"out": str(tmp_path / "run"), "checkpoint_every": 100},
+                                          pretrain={"iterations": 5}))
+
+    def stop(stage, step, total, values):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, World(), progress=False, on_step=stop).run("pretrain")
+    assert [p.name for p in sorted((tmp_path / "run" / "state" / "pretrain").iterdir())] == ["step_000003.safetensors"]
+    Trainer(config, World(), progress=False).run("pretrain", resume=True)
+    assert (tmp_path / "run" / "state" / "pretrain" / "step_000005.safetensors").exists()

@@ -121,8 +121,7 @@ class SplitConfig:
 
 @dataclass
 class DistributedConfig:
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    fsdp: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun: nccl on GPU, gloo on CPU (auto)
 
 
 @dataclass

@@ -81,6 +81,10 @@ class World:
         return x[self.rank * n:(self.rank + 1) * n]
 
 
+def _state_name(step: int) -> str:
+    return f"step_{step:06d}.safetensors"
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,6 +181,7 @@ class Trainer:
         self.progress = progress and self.world.main
         self.on_step = on_step  # (stage, step, total, values): for the ComfyUI nodes' progress and chart
         self.on_preview: Callable | None = None  # (stage, step, PIL image) after each preview grid
+        self.interrupts: tuple[type[BaseException], ...] = (KeyboardInterrupt,)  # stops that save state first
         self.out = Path(config.train.out)
         self.sigmas = torch.tensor(self.student_grid(), dtype=torch.float32)
         self._data: TeacherData | None = None
@@ -289,26 +294,40 @@ class Trainer:
             start, _ = load_state(list_states(folder)[-1], modules, optimizers)
         log = CSVLog(self.out / f"log_{stage}.csv", self.world.main)
         bar = tqdm(total=iterations, initial=start, desc=stage, disable=not self.progress)
-        for step in range(start, iterations):
-            tic = time.perf_counter()
-            values = step_fn(step, step_generator(self.config.train.seed, stage, step))
-            values["sec_per_it"] = time.perf_counter() - tic
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k in ("loss", "dmd", "fake")})
-            if self.on_step is not None:
-                self.on_step(stage, step + 1, iterations, values)
-            if (step + 1) % self.config.train.log_every == 0 or step + 1 == iterations:
-                log.write(step + 1, values)
-            if self.world.main and ((step + 1) % self.config.train.checkpoint_every == 0 or step + 1 == iterations):
-                save_state(folder, step + 1, modules, optimizers, {"stage": stage}, self.config.train.keep_last)
-            every = self.config.train.sample_every
-            if self.world.main and every and self.preview_model is not None and (step + 1) % every == 0:
-                grid = self.preview(self.preview_model)
-                (self.out / "samples").mkdir(exist_ok=True)
-                grid.save(self.out / "samples" / f"{stage}_{step + 1:06d}.png")
-                if self.on_preview is not None:
-                    self.on_preview(stage, step + 1, grid)
-        bar.close()
+        self._done = start
+        try:
+            for step in range(start, iterations):
+                self._step(stage, step, iterations, step_fn, log, bar, folder, modules, optimizers)
+        except self.interrupts:
+            # A user's stop (Ctrl-C, ComfyUI's Cancel): keep what was trained, then stop.
+            saved = list_states(folder)
+            if self.world.main and self._done > start and (not saved or saved[-1].name != _state_name(self._done)):
+                save_state(folder, self._done, modules, optimizers, {"stage": stage}, self.config.train.keep_last)
+            raise
+        finally:
+            bar.close()
+
+    def _step(self, stage, step, iterations, step_fn, log, bar, folder, modules, optimizers) -> None:
+        """One training step, then its log line, state file, preview and callback, as due."""
+        tic = time.perf_counter()
+        values = step_fn(step, step_generator(self.config.train.seed, stage, step))
+        values["sec_per_it"] = time.perf_counter() - tic
+        self._done = step + 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k in ("loss", "dmd", "fake")})
+        if (step + 1) % self.config.train.log_every == 0 or step + 1 == iterations:
+            log.write(step + 1, values)
+        if self.world.main and ((step + 1) % self.config.train.checkpoint_every == 0 or step + 1 == iterations):
+            save_state(folder, step + 1, modules, optimizers, {"stage": stage}, self.config.train.keep_last)
+        every = self.config.train.sample_every
+        if self.world.main and every and self.preview_model is not None and (step + 1) % every == 0:
+            grid = self.preview(self.preview_model)
+            (self.out / "samples").mkdir(exist_ok=True)
+            grid.save(self.out / "samples" / f"{stage}_{step + 1:06d}.png")
+            if self.on_preview is not None:
+                self.on_preview(stage, step + 1, grid)
+        if self.on_step is not None:
+            self.on_step(stage, step + 1, iterations, values)
 
     def finish(self, stage: str, models: dict[str, torch.nn.Module]) -> None:
         """Keep the stage's networks and, under torchrun, check that every rank holds the same weights."""
