@@ -3,6 +3,15 @@ so this package imports, and its schemas can be tested, where ComfyUI is absent.
 
 from .loaders import FlashCheckpointLoader, FlashTextEncoderLoader, FlashVAELoader
 from .sampling import FlashSampler, FlashScheduler
+from .training import (
+    FlashTrainData,
+    FlashTrainDMD,
+    FlashTrainMerge,
+    FlashTrainPretrain,
+    FlashTrainSave,
+    FlashTrainSetup,
+    FlashTrainSplit,
+)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SD35FlashCheckpointLoader": FlashCheckpointLoader,
@@ -10,6 +19,13 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SD35FlashVAELoader": FlashVAELoader,
     "SD35FlashScheduler": FlashScheduler,
     "SD35FlashSampler": FlashSampler,
+    "SD35FlashTrainSetup": FlashTrainSetup,
+    "SD35FlashTrainData": FlashTrainData,
+    "SD35FlashTrainPretrain": FlashTrainPretrain,
+    "SD35FlashTrainDMD": FlashTrainDMD,
+    "SD35FlashTrainSplit": FlashTrainSplit,
+    "SD35FlashTrainMerge": FlashTrainMerge,
+    "SD35FlashTrainSave": FlashTrainSave,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "SD35FlashCheckpointLoader": "Flash Checkpoint Loader",
@@ -17,4 +33,11 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "SD35FlashVAELoader": "Flash VAE Loader",
     "SD35FlashScheduler": "Flash Scheduler",
     "SD35FlashSampler": "Flash Sampler",
+    "SD35FlashTrainSetup": "Flash Distillation Setup",
+    "SD35FlashTrainData": "Flash Teacher Data",
+    "SD35FlashTrainPretrain": "Flash Trajectory Pre-training",
+    "SD35FlashTrainDMD": "Flash DMD (timestep sharing)",
+    "SD35FlashTrainSplit": "Flash Split Fine-tune + Merge",
+    "SD35FlashTrainMerge": "Flash Merge Branches",
+    "SD35FlashTrainSave": "Save Flash Checkpoint",
 }

@@ -28,7 +28,7 @@ def test_pack_imports_without_comfyui():
             "print(sorted(m for m in ('comfy', 'folder_paths', 'server', 'nodes') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    assert len(NODES) == 5 and set(NODES) == set(sd35_flash.NODE_DISPLAY_NAME_MAPPINGS)
+    assert len(NODES) == 12 and set(NODES) == set(sd35_flash.NODE_DISPLAY_NAME_MAPPINGS)
 
 
 @pytest.mark.parametrize("name", list(NODES))
@@ -40,7 +40,7 @@ def test_schema_is_complete(name):
         for input_name, spec in schema.get(section, {}).items():
             assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, input_name
             assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
-    assert cls.CATEGORY == "SD3.5 Flash" and cls.DESCRIPTION
+    assert cls.CATEGORY in ("SD3.5 Flash", "SD3.5 Flash/training") and cls.DESCRIPTION
     assert isinstance(cls.RETURN_TYPES, tuple) and len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
     parameters = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
     expected = [n for section in schema.values() for n in section]

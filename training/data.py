@@ -74,6 +74,23 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
+class _Progress:
+    """tqdm plus an optional ``callback(done, total)``."""
+
+    def __init__(self, total: int, enabled: bool, callback=None):
+        self.bar, self.callback, self.done, self.total = tqdm(total=total, desc="teacher data",
+                                                              disable=not enabled), callback, 0, total
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @torch.no_grad()
 def teacher_sample(mmdit, noise: torch.Tensor, cond: tuple, uncond: tuple | None, cfg: float,
                    path: torch.Tensor, keep: list[float]) -> torch.Tensor:
@@ -110,10 +127,11 @@ def _encode(text_encoder, prompts: list[str], use_t5: bool, widths: tuple[int, i
     return clip, t5, pooled
 
 
-def make_teacher_data(config: Config, pipe, progress: bool = True) -> Path:
+def make_teacher_data(config: Config, pipe, progress: bool = True, callback=None) -> Path:
     """Stage 0: write (or complete) the teacher data for ``config`` with the teacher ``pipe`` (a FlashPipeline).
 
     Returns the data folder. Shards already recorded in the manifest are kept; the rest are generated.
+    ``callback(done, total)`` is called after every sample (the ComfyUI node's progress bar).
     """
     out = config.resolve(config.data.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +158,7 @@ def make_teacher_data(config: Config, pipe, progress: bool = True) -> Path:
                  **({"clip_t5": uncond[True][0], "t5": uncond[True][1], "pooled_t5": uncond[True][2]}
                     if has_t5 else {})}, out / "uncond.safetensors")
     n_shards = -(-total // config.data.shard_size)
-    bar = tqdm(total=total, desc="teacher data", disable=not progress)
+    bar = _Progress(total, progress, callback)
     for shard in range(n_shards):
         name = f"shard_{shard:05d}.safetensors"
         first, last = shard * config.data.shard_size, min(total, (shard + 1) * config.data.shard_size)
