@@ -18,12 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from factories import TOKENIZERS, text_state_dict, tiny_clip_g, tiny_clip_l, tiny_t5, tiny_vae  # noqa: E402
-
 from sd35_flash.flash_core.checkpoint import save_checkpoint  # noqa: E402
 from sd35_flash.flash_core.mmdit import MMDiT, MMDiTConfig, count_parameters  # noqa: E402
 from sd35_flash.training.config import config_from_dict  # noqa: E402
 from sd35_flash.training.trainer import run_stages  # noqa: E402
+
+from factories import TOKENIZERS, text_state_dict, tiny_clip_g, tiny_clip_l, tiny_t5, tiny_vae  # noqa: E402
 
 
 def main() -> None:
