@@ -77,6 +77,23 @@ NODE_SPECS: dict[str, NodeSpec] = {
     "SD35FlashScheduler": _spec("Flash Scheduler", "model:MODEL steps:INT denoise:FLOAT", "SIGMAS"),
     "SD35FlashSampler": _spec("Flash Sampler", "model:MODEL positive:CONDITIONING latent_image:LATENT seed:INT* "
                               "steps:INT cfg:FLOAT mode:COMBO denoise:FLOAT negative:CONDITIONING?", "LATENT"),
+    "SD35FlashTrainSetup": _spec("Flash Distillation Setup",
+                                 "teacher:COMBO prompts:STRING run_name:STRING student_steps:COMBO width:INT "
+                                 "height:INT samples_per_prompt:INT batch_size:INT seed:INT* student_init:MODEL? "
+                                 "config_toml:STRING?", "training:FLASH_TRAINING", size=(420, 420)),
+    "SD35FlashTrainData": _spec("Flash Teacher Data", "training:FLASH_TRAINING teacher_steps:INT teacher_cfg:FLOAT",
+                                "training:FLASH_TRAINING"),
+    "SD35FlashTrainPretrain": _spec("Flash Trajectory Pre-training", "training:FLASH_TRAINING iterations:INT "
+                                    "lr:FLOAT loss:COMBO resume:BOOLEAN", "training:FLASH_TRAINING MODEL",
+                                    size=(420, 320)),
+    "SD35FlashTrainDMD": _spec("Flash DMD (timestep sharing)", "training:FLASH_TRAINING iterations:INT lr:FLOAT "
+                               "score_sample:COMBO real_cfg:FLOAT fake_updates_per_step:INT "
+                               "trajectory_weight:FLOAT resume:BOOLEAN", "training:FLASH_TRAINING MODEL",
+                               size=(420, 380)),
+    "SD35FlashTrainSplit": _spec("Flash Split Fine-tune + Merge", "training:FLASH_TRAINING iterations:INT "
+                                 "lr:FLOAT boundary:FLOAT merge_alpha:FLOAT resume:BOOLEAN",
+                                 "training:FLASH_TRAINING MODEL", size=(420, 340)),
+    "SD35FlashTrainSave": _spec("Save Flash Checkpoint", "training:FLASH_TRAINING stage:COMBO filename:STRING", ""),
     # ComfyUI's (stock)
     "CLIPTextEncode": _spec("CLIP Text Encode (Prompt)", "text:STRING clip:CLIP", "CONDITIONING", size=(420, 180)),
     "EmptySD3LatentImage": _spec("EmptySD3LatentImage", "width:INT height:INT batch_size:INT", "LATENT"),
@@ -308,6 +325,39 @@ def native_sampler_graph(prompt: str, *, checkpoint: str = DEMO_CHECKPOINT_NAME,
     return g.api(), g.workflow()
 
 
+TRAINING_PROMPTS = "a red circle at the top left\na blue square at the bottom right\na green triangle in the middle"
+
+
+def training_graph(teacher: str = DEMO_CHECKPOINT_NAME, *, prompts: str = TRAINING_PROMPTS, run_name: str = "flash_run",
+                   student_steps: int = 4, width: int = 512, height: int = 512, samples_per_prompt: int = 4,
+                   batch_size: int = 4, seed: int = 0, teacher_steps: int = 32, pretrain_iterations: int = 2000,
+                   dmd_iterations: int = 1200, split_iterations: int = 400,
+                   filename: str = "sd35_flash_student") -> tuple[dict, dict]:
+    """The distillation as a graph: setup -> teacher data -> pre-training -> DMD -> split + merge -> save, and
+    an image from the merged student (text encoders and VAE from the teacher file)."""
+    g = Graph()
+    setup = g.add("SD35FlashTrainSetup", teacher=teacher, prompts=prompts, run_name=run_name,
+                  student_steps=student_steps, width=width, height=height, samples_per_prompt=samples_per_prompt,
+                  batch_size=batch_size, seed=seed, config_toml="")
+    data = g.add("SD35FlashTrainData", training=setup[0], teacher_steps=teacher_steps, teacher_cfg=4.0)
+    pretrain = g.add("SD35FlashTrainPretrain", training=data[0], iterations=pretrain_iterations, lr=1e-5, loss="l2",
+                     resume=False)
+    dmd = g.add("SD35FlashTrainDMD", training=pretrain[0], iterations=dmd_iterations, lr=1e-5,
+                score_sample="shared_next", real_cfg=2.0, fake_updates_per_step=5, trajectory_weight=0.0,
+                resume=False)
+    split = g.add("SD35FlashTrainSplit", training=dmd[0], iterations=split_iterations, lr=1e-5, boundary=500.0,
+                  merge_alpha=0.5, resume=False)
+    g.add("SD35FlashTrainSave", training=split[0], stage="latest", filename=filename)
+    loader = g.add("SD35FlashCheckpointLoader", ckpt_name=teacher, t5="auto", weight_dtype="auto")
+    positive = g.add("CLIPTextEncode", title="Positive Prompt", text=prompts.splitlines()[0], clip=loader["CLIP"])
+    latent = g.add("EmptySD3LatentImage", width=width, height=height, batch_size=1)
+    samples = g.add("SD35FlashSampler", model=split["MODEL"], positive=positive[0], latent_image=latent[0], seed=seed,
+                    steps=student_steps, cfg=1.0, mode="auto", denoise=1.0)
+    image = g.add("VAEDecode", samples=samples[0], vae=loader["VAE"])
+    g.add("SaveImage", images=image[0], filename_prefix="sd35_flash_student")
+    return g.api(), g.workflow()
+
+
 _EXAMPLE = {"checkpoint": DEMO_CHECKPOINT_NAME, "width": 512, "height": 512, "seed": 0}
 EXAMPLES: dict[str, Callable[[], tuple[dict, dict]]] = {
     "sd35_flash_4step": lambda: generation_graph(EXAMPLE_PROMPT, steps=4, filename_prefix="sd35_flash_4step",
@@ -319,6 +369,7 @@ EXAMPLES: dict[str, Callable[[], tuple[dict, dict]]] = {
     "sd35_flash_native_sampler": lambda: native_sampler_graph(EXAMPLE_PROMPT, steps=4,
                                                               filename_prefix="sd35_flash_native_sampler",
                                                               **_EXAMPLE),
+    "sd35_flash_training": training_graph,
 }
 
 

@@ -163,13 +163,34 @@ def test_example_workflows_are_listed_as_templates(server):
     assert sorted(templates[PACK]) == sorted(p.stem for p in EXAMPLES)
 
 
+SMALL_TRAINING = {"SD35FlashTrainSetup": {"width": 32, "height": 32, "samples_per_prompt": 1, "batch_size": 2},
+                  "SD35FlashTrainData": {"teacher_steps": 4}, "SD35FlashTrainPretrain": {"iterations": 2},
+                  "SD35FlashTrainDMD": {"iterations": 2, "fake_updates_per_step": 1},
+                  "SD35FlashTrainSplit": {"iterations": 2}, "EmptySD3LatentImage": {"width": 32, "height": 32}}
+
+
+def small(prompt: dict) -> dict:
+    """The training template at test size (a few iterations of 32 px); other workflows as they are."""
+    if not any(n["class_type"] == "SD35FlashTrainSetup" for n in prompt.values()):
+        return prompt
+    for node in prompt.values():
+        node["inputs"].update(SMALL_TRAINING.get(node["class_type"], {}))
+    return prompt
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_workflow_runs_to_a_saved_image(server, path):
-    entry, messages = run_prompt(server, json.loads(path.read_text()))
+    prompt = small(json.loads(path.read_text()))
+    entry, messages = run_prompt(server, prompt)
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = saved_images(server, entry)
     assert images and all(Image.open(p).size[0] >= 16 for p in images)
-    loader = next(i for i, n in json.loads(path.read_text()).items() if n["class_type"] == "SD35FlashCheckpointLoader")
+    loader = next(i for i, n in prompt.items() if n["class_type"] == "SD35FlashCheckpointLoader")
+    if any(n["class_type"] == "SD35FlashTrainSetup" for n in prompt.values()):
+        progress = [m["data"] for m in messages if m["type"] == "sd35_flash.train_progress"]
+        assert {p["stage"] for p in progress} == {"pretrain", "dmd", "split"}
+        assert any(p["step"] == 2 and p["values"].get("loss") is not None for p in progress)
+        assert (server["base"] / "models" / "checkpoints" / "sd35_flash_student.safetensors").exists()
     cached = {n for m in messages if m["type"] == "execution_cached" for n in m["data"]["nodes"]}
     reports = [m["data"] for m in messages if m["type"] == "sd35_flash.loader_info"]
     if loader not in cached:  # a loader that ran (rather than came from ComfyUI's cache) reported what it found
