@@ -150,28 +150,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_matches_one_process(root, tmp_path):
-    """torchrun with 2 CPU processes (gloo): both ranks end identical (the trainer checks it and says so), and the
-    weights equal a single-process run with the same global batch."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(root, tmp_path, mode):
+    """torchrun with 2 CPU processes (gloo): under DDP both ranks end identical (the trainer checks it and says
+    so); under FSDP each holds a shard. Either way the weights equal a single-process run with the same global
+    batch, and the state file (gathered whole) resumes in one process."""
     sections = {"pretrain": {"iterations": 3}, "train": {"checkpoint_every": 100}}
     one = config_from_dict(base_config(root, train={**sections["train"], "out": str(tmp_path / "one")},
                                        pretrain=sections["pretrain"]))
     Trainer(one, World(), progress=False).run("pretrain")
     two_path = tmp_path / "two.toml"
     two_path.write_text(to_toml(config_from_dict(base_config(
-        root, train={**sections["train"], "out": str(tmp_path / "two")}, pretrain=sections["pretrain"]))))
+        root, train={**sections["train"], "out": str(tmp_path / "two")}, pretrain=sections["pretrain"],
+        distributed={"fsdp": mode == "fsdp"}))))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "sd35_flash.training", str(two_path), "--stage", "pretrain", "--quiet"],
-        capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "sd35_flash.training", str(two_path), "--stage", "pretrain", "--quiet"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 ranks hold identical weights" in (tmp_path / "two" / "replicas_pretrain.txt").read_text()
+    replicas = tmp_path / "two" / "replicas_pretrain.txt"
+    if mode == "ddp":
+        assert "2 ranks hold identical weights" in replicas.read_text()
+    else:
+        assert not replicas.exists()  # sharded: the ranks hold different shards, nothing to compare
     single = component_state_dict(index_checkpoint(tmp_path / "one" / "pretrain.safetensors"), "mmdit")
-    ddp = component_state_dict(index_checkpoint(tmp_path / "two" / "pretrain.safetensors"), "mmdit")
-    worst = max((single[k] - ddp[k]).abs().max().item() for k in single)
-    print(f"DDP vs single process, max weight difference after 3 steps: {worst:.2e}")
+    two = component_state_dict(index_checkpoint(tmp_path / "two" / "pretrain.safetensors"), "mmdit")
+    worst = max((single[k] - two[k]).abs().max().item() for k in single)
+    print(f"{mode} vs single process, max weight difference after 3 steps: {worst:.2e}")
     assert worst < 1e-5
+    one_state, two_state = (load_output(tmp_path / run / "state" / "pretrain", "optim") for run in ("one", "two"))
+    assert one_state.keys() == two_state.keys()
+    assert max((one_state[k].float() - two_state[k].float()).abs().max().item() for k in one_state) < 1e-4
+    if mode == "fsdp":  # resume the sharded run from its gathered state for one more step, and the single run too
+        config = load_config(two_path)
+        two_path.write_text(to_toml(replace(config, pretrain=replace(config.pretrain, iterations=4))))
+        command[command.index("--master_port") + 1] = str(free_port())
+        command.append("--resume")
+        assert subprocess.run(command, capture_output=True, text=True, env=env, timeout=300).returncode == 0
+        Trainer(replace(one, pretrain=replace(one.pretrain, iterations=4)), World(), progress=False).run(
+            "pretrain", resume=True)
+        single = component_state_dict(index_checkpoint(tmp_path / "one" / "pretrain.safetensors"), "mmdit")
+        two = component_state_dict(index_checkpoint(tmp_path / "two" / "pretrain.safetensors"), "mmdit")
+        assert max((single[k] - two[k]).abs().max().item() for k in single) < 1e-5
 
 
 def test_bad_config_is_one_line_with_the_key(tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,7 @@ class SplitConfig:
 @dataclass
 class DistributedConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun: nccl on GPU, gloo on CPU (auto)
+    fsdp: bool = False                 # shard weights, gradients and optimizer state (FSDP2) instead of DDP
 
 
 @dataclass
@@ -215,8 +217,9 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{key}: expected a number in [0, 1], got {decay}")
     sigmas = config.student.sigmas
     if sigmas:
-        grid = [s for s in sigmas if s > 0]
-        if len(grid) != config.student.steps or grid[0] != 1.0 or any(a <= b for a, b in zip(grid, grid[1:], strict=False)):
+        grid = sigmas[:-1] if sigmas[-1] == 0.0 else sigmas  # only a final 0 is optional; no other sigma <= 0
+        if (len(grid) != config.student.steps or grid[0] != 1.0 or grid[-1] <= 0.0
+                or any(a <= b for a, b in zip(grid, grid[1:], strict=False))):
             raise ConfigError(f"student.sigmas: expected {config.student.steps} decreasing sigmas starting at 1.0 "
                               f"(a final 0 optional), got {sigmas}")
     low, high = config.dmd.renoise_range if len(config.dmd.renoise_range) == 2 else (None, None)
@@ -246,6 +249,19 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(data, str(path))
 
 
+def _toml_value(value) -> str:
+    """A scalar or list as TOML. Not ``json.dumps`` alone: JSON writes non-finite floats as ``Infinity``/``NaN``
+    and characters beyond U+FFFF as surrogate-pair ``\\uXXXX`` escapes, both of which TOML rejects."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    if isinstance(value, str):
+        return '"' + "".join("\\" + c if c in '"\\' else c if " " <= c <= "~" else f"\\U{ord(c):08x}"
+                             for c in value) + '"'
+    return json.dumps(value)
+
+
 def to_toml(config: Config) -> str:
     """The resolved config as TOML (tables and scalars/lists of scalars only, which is all Config holds)."""
     lines: list[str] = []
@@ -254,7 +270,7 @@ def to_toml(config: Config) -> str:
         scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
         if name:
             lines.append(f"[{name}]")
-        lines.extend(f"{k} = {json.dumps(v)}" for k, v in scalars.items())
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
         lines.append("")
         for k, v in table.items():
             if isinstance(v, dict):

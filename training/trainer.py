@@ -39,7 +39,7 @@ from . import objectives as obj
 from .config import Config, ConfigError, OptimConfig, to_toml
 from .data import TeacherData
 from .split import RoutedMMDiT
-from .state import list_states, load_state, save_state
+from .state import list_states, load_state, save_state, whole
 
 STAGES = ("pretrain", "dmd", "split", "merge")
 T5_CONVENTION = "optional: 77 CLIP tokens when off"
@@ -140,7 +140,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
     optimizer.step()
-    return float(norm)
+    return float(whole(norm))
 
 
 class CSVLog:
@@ -195,6 +195,11 @@ class Trainer:
     def student_grid(self) -> list[float]:
         grid = list(self.config.student.sigmas) or list(STUDENT_SIGMAS[self.config.student.steps])
         return grid if grid[-1] == 0.0 else [*grid, 0.0]
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: every rank holds a shard, so saving, previews and outputs are collectives."""
+        return self.world.size > 1 and self.config.distributed.fsdp
 
     @property
     def data(self) -> TeacherData:
@@ -301,7 +306,7 @@ class Trainer:
         except self.interrupts:
             # A user's stop (Ctrl-C, ComfyUI's Cancel): keep what was trained, then stop.
             saved = list_states(folder)
-            if self.world.main and self._done > start and (not saved or saved[-1].name != _state_name(self._done)):
+            if self.world.size == 1 and self._done > start and (not saved or saved[-1].name != _state_name(self._done)):
                 save_state(folder, self._done, modules, optimizers, {"stage": stage}, self.config.train.keep_last)
             raise
         finally:
@@ -317,22 +322,25 @@ class Trainer:
         bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k in ("loss", "dmd", "fake")})
         if (step + 1) % self.config.train.log_every == 0 or step + 1 == iterations:
             log.write(step + 1, values)
-        if self.world.main and ((step + 1) % self.config.train.checkpoint_every == 0 or step + 1 == iterations):
-            save_state(folder, step + 1, modules, optimizers, {"stage": stage}, self.config.train.keep_last)
+        if (self.world.main or self.sharded) and ((step + 1) % self.config.train.checkpoint_every == 0
+                                                  or step + 1 == iterations):
+            save_state(folder, step + 1, modules, optimizers, {"stage": stage}, self.config.train.keep_last,
+                       write=self.world.main)
         every = self.config.train.sample_every
-        if self.world.main and every and self.preview_model is not None and (step + 1) % every == 0:
-            grid = self.preview(self.preview_model)
-            (self.out / "samples").mkdir(exist_ok=True)
-            grid.save(self.out / "samples" / f"{stage}_{step + 1:06d}.png")
-            if self.on_preview is not None:
-                self.on_preview(stage, step + 1, grid)
+        if (self.world.main or self.sharded) and every and self.preview_model is not None and (step + 1) % every == 0:
+            grid = self.preview(self.preview_model)  # a collective under FSDP: every rank samples
+            if self.world.main:
+                (self.out / "samples").mkdir(exist_ok=True)
+                grid.save(self.out / "samples" / f"{stage}_{step + 1:06d}.png")
+                if self.on_preview is not None:
+                    self.on_preview(stage, step + 1, grid)
         if self.on_step is not None:
             self.on_step(stage, step + 1, iterations, values)
 
     def finish(self, stage: str, models: dict[str, torch.nn.Module]) -> None:
         """Keep the stage's networks and, under torchrun, check that every rank holds the same weights."""
         self.models = models
-        if self.world.size == 1:
+        if self.world.size == 1 or self.sharded:  # FSDP ranks hold different shards by design
             return
         for name, model in models.items():
             flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
@@ -346,7 +354,15 @@ class Trainer:
                 f"{self.world.size} ranks hold identical weights for {', '.join(models)}\n")
 
     def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as this job trains it: itself (one process), FSDP2-sharded per joint block, or under DDP."""
         if self.world.size == 1:
+            return model
+        if self.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.joint_blocks:
+                fully_shard(block)
+            fully_shard(model)
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -474,8 +490,8 @@ class Trainer:
         high_steps, low_steps = self.branch_steps()
         start = self.initial_student("split")
         branches = {"high": start, "low": copy.deepcopy(start)}
-        emas = {name: {k: v.detach().clone() for k, v in b.state_dict().items()} for name, b in branches.items()}
         models = {name: self._ddp(b) for name, b in branches.items()}
+        emas = {name: {k: v.detach().clone() for k, v in b.state_dict().items()} for name, b in branches.items()}
         optim = self.config.dmd.optim if cfg.objective == "dmd" else self.config.pretrain.optim
         opts = {name: make_optimizer(b.parameters(), optim) for name, b in branches.items()}
         fake = self._fake_score() if cfg.objective == "dmd" else None
@@ -537,11 +553,12 @@ class Trainer:
     def save_output(self, name: str, mmdit, iterations: int, stage: str | None = None) -> Path:
         """An official-layout checkpoint: the student MM-DiT plus the teacher's VAE and text encoders."""
         path = self.stage_output(name)
+        state = mmdit.state_dict() if isinstance(mmdit, torch.nn.Module) else mmdit
+        state = {k: whole(v) for k, v in state.items()}  # gathers FSDP shards: every rank takes part
         if not self.world.main:
             return path
         teacher = index_checkpoint(self.config.model.teacher)
         parts = {c: component_state_dict(teacher, c) for c in ("vae", "clip_l", "clip_g", "t5") if teacher.has(c)}
-        state = mmdit.state_dict() if isinstance(mmdit, torch.nn.Module) else mmdit
         config = getattr(mmdit, "config", None) or MMDiTConfig.from_state_dict(state)
         metadata = FlashMetadata(
             architecture=config.to_dict(), student_sigmas=self.student_grid(),
