@@ -93,7 +93,7 @@ def test_renoise_sigma_is_the_shifted_uniform():
 
 def segment_case():
     x_start = torch.zeros(2, 1, 2, 2, dtype=F64)
-    x_end = torch.cat([torch.full((1, 1, 2, 2), 1.0), torch.full((1, 1, 2, 2), 2.0)]).to(F64)
+    x_end = torch.tensor([[[[0.0, 2.0], [0.0, 2.0]]], [[[3.0, 1.0], [1.0, 1.0]]]], dtype=F64)
     return x_start, x_end
 
 
@@ -114,17 +114,18 @@ def test_trajectory_loss_is_zero_for_the_segment_slope(kind):
 
 
 def test_trajectory_loss_values_by_hand():
-    x_start, x_end = segment_case()  # sample errors: all 1 (mse 1) and all 2 (mse 4) for a zero velocity
+    x_start, x_end = segment_case()  # per-sample mse for a zero velocity: (0+4+0+4)/4 = 2, (9+1+1+1)/4 = 3
     zero = lambda x, s: torch.zeros_like(x)  # noqa: E731
     assert obj.trajectory_loss(zero, x_start, x_end, 0.9, 0.75).item() == pytest.approx(2.5)
-    c = 0.75
+    # pseudo-Huber on the per-sample mse (not elementwise): sqrt(mse + c^2) - c
+    c = 0.5
     huber = obj.trajectory_loss(zero, x_start, x_end, 0.9, 0.75, kind="pseudo_huber", huber_c=c).item()
-    assert huber == pytest.approx(((math.sqrt(1 + c**2) - c) + (math.sqrt(4 + c**2) - c)) / 2)
-    assert huber == pytest.approx((0.5 + math.sqrt(4.5625) - 0.75) / 2)
+    assert huber == pytest.approx(((math.sqrt(2 + c**2) - c) + (math.sqrt(3 + c**2) - c)) / 2)
+    assert huber == pytest.approx((1.0 + math.sqrt(3.25) - 0.5) / 2)
 
-    # a constant velocity 4 over a step of -0.25 moves every element by -1: errors -2 and -3 -> mse 4 and 9
+    # a constant velocity 4 over a step of -0.25 moves every element by -1: mse (1+9+1+9)/4 = 5, (16+4+4+4)/4 = 7
     four = lambda x, s: torch.full_like(x, 4.0)  # noqa: E731
-    assert obj.trajectory_loss(four, x_start, x_end, 1.0, 0.75).item() == pytest.approx(6.5)
+    assert obj.trajectory_loss(four, x_start, x_end, 1.0, 0.75).item() == pytest.approx(6.0)
 
 
 def test_trajectory_loss_scalar_sigma_reaches_the_student_as_a_batch():
@@ -141,8 +142,9 @@ def test_trajectory_loss_carries_the_student_gradient():
     w = torch.tensor(0.0, dtype=F64, requires_grad=True)
     loss = obj.trajectory_loss(linear_student(w), x_start, x_end, 1.0, 0.5)
     loss.backward()
-    # error = x_start - 0.5 w x_start - x_end = (0, -1) at w = 0; d mse / dw = mean(2 * err * -0.5 * x_start)
-    assert w.grad.item() == pytest.approx((0.0 + 1.0) / 2)
+    # err = x_start - 0.5 w x_start - x_end at w = 0: (1, -1, 1, -1) and (-2, 0, 0, 0);
+    # d mse / dw = mean(2 err * -0.5 x_start) = -mean(err): 0 and 0.5
+    assert w.grad.item() == pytest.approx((0.0 + 0.5) / 2)
 
 
 def test_trajectory_loss_rejects_an_unknown_kind():
