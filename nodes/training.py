@@ -24,6 +24,8 @@ from .loaders import full_path
 CATEGORY = "SD3.5 Flash/training"
 TRAINING = "FLASH_TRAINING"
 PROGRESS_EVENT = "sd35_flash.train_progress"
+MERGE_ALPHA = ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                         "tooltip": "Merged = alpha * high branch + (1 - alpha) * low branch."})
 RESUME_TIP = "Continue from the newest saved state of this stage in the run folder (after a Cancel, say)."
 
 
@@ -287,8 +289,7 @@ class FlashTrainSplit(_StageNode):
         return _stage_inputs(400, 1e-5, {
             "boundary": ("FLOAT", {"default": 500.0, "min": 0.0, "max": 1000.0, "step": 1.0,
                                    "tooltip": "Model timestep (1000 * sigma) between the branches."}),
-            "merge_alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Merged = alpha * high branch + (1 - alpha) * low branch."}),
+            "merge_alpha": MERGE_ALPHA,
         })
 
     def train(self, training: Config, iterations: int, lr: float, boundary: float, merge_alpha: float,
@@ -308,8 +309,7 @@ class FlashTrainMerge(_StageNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "training": (TRAINING, {"tooltip": "A run whose split stage has finished."}),
-            "merge_alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Merged = alpha * high branch + (1 - alpha) * low branch."}),
+            "merge_alpha": MERGE_ALPHA,
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, training: Config, merge_alpha: float, unique_id=None):
