@@ -11,6 +11,7 @@ web/js/train_chart_ext.js, and preview grids appear on the node.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -82,8 +83,8 @@ def run_stage(config: Config, stage: str, resume: bool, node_id) -> Path:
 
     def on_step(stage_name, step, total, values):
         bar.update_absolute(step, total)
-        _send(node_id, {"stage": stage_name, "step": step, "total": total,
-                        "values": {k: float(v) for k, v in values.items()}})
+        _send(node_id, {"stage": stage_name, "step": step, "total": total,  # NaN is not JSON: None instead
+                        "values": {k: float(v) if math.isfinite(v) else None for k, v in values.items()}})
 
     def on_preview(stage_name, step, image):
         bar.update_absolute(step, None, ("PNG", image, 512))
