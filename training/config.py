@@ -251,7 +251,7 @@ def load_config(path: str | Path) -> Config:
 
 def _toml_value(value) -> str:
     """A scalar or list as TOML. Not ``json.dumps`` alone: JSON writes non-finite floats as ``Infinity``/``NaN``
-    and characters beyond U+FFFF as surrogate-pair ``\\uXXXX`` escapes, both of which TOML rejects."""
+    and characters beyond U+FFFF as pairs of surrogate ``\\u`` escapes, both of which TOML rejects."""
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, float) and not math.isfinite(value):

@@ -4,6 +4,7 @@ import { test } from "node:test";
 
 import {
     componentSummary,
+    findNode,
     formatBytes,
     formatSigmas,
     infoLines,
@@ -139,4 +140,18 @@ test("infoLines: malformed input never throws", () => {
     const throwing = { file: "ok.safetensors", get layout() { throw new Error("boom"); } };
     assert.deepEqual(infoLines(throwing), ["File: ok.safetensors"]);
     assert.deepEqual(infoLines(Object.create(null)), []);
+});
+
+test("findNode: plain ids, subgraph paths, and nothing for unknown or malformed ids", () => {
+    const inner = { id: 3, subgraph: null };
+    const outer = { id: 5, subgraph: { getNodeById: (id) => (id === 3 ? inner : null) } };
+    const graph = { getNodeById: (id) => (id === 5 ? outer : null) };
+    assert.equal(findNode(graph, "5"), outer);
+    assert.equal(findNode(graph, 5), outer);
+    assert.equal(findNode(graph, "5:3"), inner);
+    assert.equal(findNode(graph, "5:4"), null);
+    assert.equal(findNode(graph, "7"), null);
+    assert.equal(findNode(graph, "5:"), null);
+    assert.equal(findNode(graph, null), null);
+    assert.equal(findNode(null, "5"), null);
 });

@@ -108,3 +108,17 @@ export function infoLines(info) {
     }
     return lines;
 }
+
+// A node from its execution id in a LiteGraph graph: "12", or "5:12" for node 12 inside the subgraph of node 5;
+// null when there is none. Shared by both extensions.
+export function findNode(graph, id) {
+    if (typeof id !== "string" && typeof id !== "number") return null;
+    let node = null;
+    for (const part of String(id).split(":")) {
+        if (!graph?.getNodeById || part.trim() === "") return null;
+        node = graph.getNodeById(Number(part)) ?? graph.getNodeById(part) ?? null;
+        if (!node) return null;
+        graph = node.subgraph;
+    }
+    return node;
+}

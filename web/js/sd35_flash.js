@@ -6,25 +6,12 @@
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 import { ComfyWidgets } from "../../../scripts/widgets.js";
-import { infoLines } from "./flash_info.js";
+import { findNode, infoLines } from "./flash_info.js";
 
 const EVENT = "sd35_flash.loader_info";
 const WIDGET = "detected";
 const LINE_HEIGHT = 16; // px per text line, for the box's minimum height
 
-// A node from its execution id: "12", or "5:12" for node 12 inside the subgraph of node 5.
-function findNode(id) {
-    if (typeof id !== "string" && typeof id !== "number") return null;
-    let graph = app.graph;
-    let node = null;
-    for (const part of String(id).split(":")) {
-        if (!graph?.getNodeById || part.trim() === "") return null;
-        node = graph.getNodeById(Number(part)) ?? graph.getNodeById(part) ?? null;
-        if (!node) return null;
-        graph = node.subgraph;
-    }
-    return node;
-}
 
 // The node's "detected" widget, made once: read-only, kept out of the prompt and the saved workflow.
 function detectedWidget(node) {
@@ -58,7 +45,7 @@ app.registerExtension({
     setup() {
         api.addEventListener(EVENT, (event) => {
             const detail = event?.detail;
-            const node = findNode(detail?.node);
+            const node = findNode(app.graph, detail?.node);
             const lines = infoLines(detail?.info);
             if (!node || lines.length === 0) return;
             try {

@@ -13,6 +13,7 @@ import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 import { applyProgress, chartScale, createChart, currentSeries, formatValue, polyline, seriesPoints, statusLine }
     from "./train_chart.js";
+import { findNode } from "./flash_info.js";
 
 const EVENT = "sd35_flash.train_progress";
 const PREFIX = "SD35FlashTrain";
@@ -31,19 +32,6 @@ const LINES = [
 const charts = new WeakMap(); // node -> chart state (train_chart.js); goes with the node
 let warned = false;
 
-// A node from its execution id: "12", or "5:12" for node 12 inside the subgraph of node 5.
-function findNode(id) {
-    if (typeof id !== "string" && typeof id !== "number") return null;
-    let graph = app.graph;
-    let node = null;
-    for (const part of String(id).split(":")) {
-        if (!graph?.getNodeById || part.trim() === "") return null;
-        node = graph.getNodeById(Number(part)) ?? graph.getNodeById(part) ?? null;
-        if (!node) return null;
-        graph = node.subgraph;
-    }
-    return node;
-}
 
 const isTrainingNode = (node) => String(node?.comfyClass ?? node?.type ?? "").startsWith(PREFIX);
 
@@ -157,7 +145,7 @@ function chartWidget(node) {
 
 function onProgress(event) {
     const detail = event?.detail;
-    const node = findNode(detail?.node);
+    const node = findNode(app.graph, detail?.node);
     if (!node || !isTrainingNode(node)) return;
     try {
         let chart = charts.get(node);
