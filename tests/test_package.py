@@ -50,3 +50,23 @@ def test_no_pickle_loading_in_the_package():
         text = path.read_text()
         assert "pickle.load" not in text, path
         assert "torch.load(" not in text or "weights_only=True" in text, path
+
+
+def test_training_imports_only_the_engine():
+    for path in (ROOT / "training").rglob("*.py"):
+        for module, level in _imports(path):
+            top = module.split(".")[0]
+            if level == 0:
+                assert top not in FORBIDDEN_IN_FLASH_CORE, f"{path.relative_to(ROOT)} imports {module}"
+            elif level >= 2:  # out of training/: only into flash_core
+                assert top == "flash_core", f"{path.relative_to(ROOT)} imports {'.' * level}{module}"
+
+
+def test_requirements_txt_lists_the_dependencies_but_torch():
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    normalise = {d.replace("'", '"').replace(" ", "") for d in declared if not d.startswith("torch")}
+    assert {line.replace(" ", "") for line in listed} == normalise
