@@ -375,22 +375,14 @@ class Trainer:
         student = self.initial_student("pretrain")
         model = self._ddp(student)
         optimizer = make_optimizer(student.parameters(), cfg.optim)
-        autocast = self.config.train.autocast == "bf16"
         self.preview_model = student
+        every_step = list(range(self.config.student.steps))
 
         def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
-            batch = self.batch(generator)
-            segment = self.world.local(torch.randint(self.config.student.steps, (self.config.train.batch_size,),
-                                                     generator=generator)).to(self.world.device)
-            rows = torch.arange(len(segment), device=segment.device)
-            x_start, x_end = batch["trajectory"][rows, segment], batch["trajectory"][rows, segment + 1]
-            sigmas = self.sigmas.to(self.world.device)
-            v = velocity_fn(model, batch["context"], batch["pooled"], autocast)
-            loss = obj.trajectory_loss(v, x_start, x_end, sigmas[segment], sigmas[segment + 1], cfg.loss,
-                                       cfg.huber_c)
-            lr = set_lr(optimizer, cfg.optim, step)
-            norm = optimizer_step(model, optimizer, loss, cfg.optim)
-            return {"loss": loss.item(), "grad_norm": norm, "lr": lr}
+            values, loss = self._trajectory_step(model, generator, every_step)
+            values["lr"] = set_lr(optimizer, cfg.optim, step)
+            values["grad_norm"] = optimizer_step(model, optimizer, loss, cfg.optim)
+            return values
 
         self._loop("pretrain", cfg.iterations, resume, {"student": student}, {"student": optimizer}, step_fn)
         self.finish("pretrain", {"student": student})
@@ -400,8 +392,8 @@ class Trainer:
         """The fake score network, initialised from the teacher (ALGORITHM.md "Stage B"), trained in fp32."""
         return copy.deepcopy(self.teacher).float().requires_grad_(True).train()
 
-    def _dmd_step(self, student_model, fake_model, fake_opt, student_opt, optim_cfg, generator: torch.Generator,
-                  step: int, ks: list[int] | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
+    def _dmd_step(self, student_model, fake_model, fake_opt, generator: torch.Generator, step: int,
+                  ks: list[int] | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
         """One DMD iteration: fake-score updates, then (after warm-up) the generator loss, returned unstepped."""
         cfg, d = self.config.dmd, self.world.device
         autocast = self.config.train.autocast == "bf16"
@@ -463,7 +455,7 @@ class Trainer:
 
         def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
             set_lr(fake_opt, cfg.fake_optim, step)
-            values, loss = self._dmd_step(student_model, fake_model, fake_opt, student_opt, cfg.optim, generator, step)
+            values, loss = self._dmd_step(student_model, fake_model, fake_opt, generator, step)
             if loss is not None:
                 values["lr"] = set_lr(student_opt, cfg.optim, step - cfg.fake_warmup_steps)
                 values["grad_norm"] = optimizer_step(student_model, student_opt, loss, cfg.optim)
@@ -503,7 +495,7 @@ class Trainer:
             values = {}
             for name, ks in (("high", high_steps), ("low", low_steps)):
                 if cfg.objective == "dmd":
-                    vals, loss = self._dmd_step(models[name], fake_model, fake_opt, opts[name], optim, generator,
+                    vals, loss = self._dmd_step(models[name], fake_model, fake_opt, generator,
                                                 step + self.config.dmd.fake_warmup_steps, ks)
                 else:
                     vals, loss = self._trajectory_step(models[name], generator, ks)
@@ -524,7 +516,8 @@ class Trainer:
             self.save_output(f"branch_{name}", emas[name], cfg.iterations, stage="split")
         return self.merge()
 
-    def _trajectory_step(self, model, generator, ks: list[int]):
+    def _trajectory_step(self, model, generator: torch.Generator, ks: list[int]):
+        """Stage A's loss on a batch, each sample on a random segment among the student steps ``ks``."""
         batch = self.batch(generator)
         n, d = batch["noise"].shape[0], self.world.device
         choice = torch.tensor(ks)[torch.randint(len(ks), (self.config.train.batch_size,), generator=generator)]
