@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,13 +124,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-def materialize(refs: Mapping[str, TensorRef], dtype: torch.dtype | None = None,
-                device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read the referenced tensors (floating ones cast to ``dtype`` when given), one file open at a time."""
+def iter_tensors(refs: Mapping[str, TensorRef], dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu", keep_dtype: Iterable[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` one at a time (floating ones cast to ``dtype`` when given, except the names in
+    ``keep_dtype``), one file open at a time."""
+    keep = set(keep_dtype)
     by_file: dict[Path, list[tuple[str, TensorRef]]] = {}
     for name, ref in refs.items():
         by_file.setdefault(ref.file, []).append((name, ref))
-    out = {}
     for file, items in by_file.items():
         with _open(file) as handle:
             for name, ref in items:
@@ -138,10 +139,15 @@ def materialize(refs: Mapping[str, TensorRef], dtype: torch.dtype | None = None,
                     tensor = handle.get_tensor(ref.key)
                 except SafetensorError as err:
                     raise CheckpointError(f"cannot read key '{ref.key}' of '{file}': {err}") from None
-                if dtype is not None and tensor.is_floating_point():
+                if dtype is not None and tensor.is_floating_point() and name not in keep:
                     tensor = tensor.to(dtype)
-                out[name] = tensor.to(device)
-    return out
+                yield name, tensor.to(device)
+
+
+def materialize(refs: Mapping[str, TensorRef], dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu", keep_dtype: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Read the referenced tensors (floating ones cast to ``dtype`` when given, except ``keep_dtype``)."""
+    return dict(iter_tensors(refs, dtype, device, keep_dtype))
 
 
 def shapes_only(refs: Mapping[str, TensorRef]) -> dict[str, torch.Tensor]:
@@ -374,10 +380,49 @@ def component_state_dict(files: CheckpointFiles, component: str, dtype: torch.dt
     """Read one component's tensors, converted to official names."""
     if not files.has(component):
         raise CheckpointError(f"the checkpoint has no {component} weights")
-    sd = materialize(files.components[component], dtype, device)
+    sd = materialize(files.components[component], dtype, device, packed_keys(files.components[component]))
     if component in files.diffusers_keys:
         sd = (mmdit_keys if component == "mmdit" else vae_keys).diffusers_to_official(sd)
     return sd
+
+
+def packed_keys(keys: Iterable[str]) -> set[str]:
+    """Keys of quantized layers (packed weight and scale) and the fp8 marker: their dtype is their format, so
+    reading never casts them (flash_core/quant.py)."""
+    from .quant import FP8_MARKER, SCALE_KEY
+
+    out = set()
+    for key in keys:
+        head, _, tail = key.rpartition(".")
+        if tail in SCALE_KEY.values():
+            out.update((key, f"{head}.weight"))
+        elif tail == FP8_MARKER:
+            out.add(key)
+    return out
+
+
+def component_quant(files: CheckpointFiles, component: str):
+    """The :class:`~.quant.QuantScheme` a component of ``files`` is stored in, or None for float weights."""
+    from .quant import read_schemes
+
+    if not files.has(component):
+        return None
+    source = files.sources[component][0]
+    metadata = files.metadata if component == "mmdit" else read_metadata(source)
+    return read_schemes(metadata, str(source)).get(component)
+
+
+def logical_component_shapes(files: CheckpointFiles, component: str) -> dict[str, torch.Tensor]:
+    """:func:`component_shapes` with packed layers at their logical ``[out, in]`` shape (and an elided
+    ``pos_embed`` put back): what architecture inference reads, for float and quantized files alike."""
+    from . import quant
+
+    shapes = component_shapes(files, component)
+    scheme = component_quant(files, component)
+    if scheme is None:
+        return shapes
+    layers = quant.stored_layers(shapes, scheme.fmt, f"'{files.sources[component][0]}'")
+    return quant.logical_shapes(quant.restore_pos_embed(shapes, scheme), layers)
 
 
 def component_shapes(files: CheckpointFiles, component: str) -> dict[str, torch.Tensor]:
@@ -411,12 +456,16 @@ def load_module_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], 
     module.load_state_dict(dict(sd), strict=True, assign=True)
 
 
-def load_mmdit(path_or_state_dict, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+def load_mmdit(path_or_state_dict, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               quant_scheme=None, backend: str = "dequant"):
     """Build the MM-DiT from a file, a folder or a state dict (official or diffusers names, any prefix).
 
     The architecture is inferred from the weights (CHECKPOINTS.md "Architecture inferred ...");
-    ``dtype=None`` keeps the stored dtype.
+    ``dtype=None`` keeps the stored dtype. A quantized file is recognised from its metadata; for a state dict,
+    ``quant_scheme`` (a :class:`~.quant.QuantScheme`) says its Linears are packed. Packed layers become
+    :class:`~.quant.QuantizedLinear` running through ``backend``.
     """
+    from . import quant
     from .mmdit import MMDiT, MMDiTConfig
 
     if isinstance(path_or_state_dict, Mapping):
@@ -427,12 +476,23 @@ def load_mmdit(path_or_state_dict, dtype: torch.dtype | None = None, device: str
             raise CheckpointError(f"'{path_or_state_dict}' holds no MM-DiT (diffusion model) weights; "
                                   f"found: {', '.join(files.components) or 'nothing'}")
         sd, what = component_state_dict(files, "mmdit"), f"'{files.sources['mmdit'][0]}'"
-    config = MMDiTConfig.from_state_dict(sd)
+        quant_scheme = quant_scheme or component_quant(files, "mmdit")
+    if quant_scheme is None and packed_keys(sd):
+        raise CheckpointError(f"{what}: holds quantized layers (e.g. '{min(packed_keys(sd))}') but no "
+                              f"'{quant.METADATA_KEY}' metadata saying their format")
+    layers = quant.stored_layers(sd, quant_scheme.fmt, what) if quant_scheme else {}
+    if quant_scheme:
+        sd = quant.restore_pos_embed(sd, quant_scheme)
+    config = MMDiTConfig.from_state_dict(quant.logical_shapes(sd, layers) if layers else sd)
     dtype = dtype or sd["x_embedder.proj.weight"].dtype
     with torch.device("meta"):
         model = MMDiT(config, dtype=dtype)
-    load_module_strict(model, {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-                               for k, v in sd.items()}, what)
+    if layers:
+        quant.install_packed(model, sd, layers, quant_scheme.fmt, what, backend)
+    fmt = quant_scheme.fmt if quant_scheme else "int8"
+    sd = quant.cast_unpacked(sd, layers, fmt, dtype, device)
+    sd.pop(quant.FP8_MARKER, None)
+    load_module_strict(model, sd, what)
     return model.eval().requires_grad_(False)
 
 

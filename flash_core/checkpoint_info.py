@@ -7,7 +7,16 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .checkpoint import CheckpointFiles, FlashMetadata, TensorRef, component_shapes, index_checkpoint
+from .checkpoint import (
+    CheckpointFiles,
+    FlashMetadata,
+    TensorRef,
+    component_quant,
+    component_shapes,
+    index_checkpoint,
+    logical_component_shapes,
+    packed_keys,
+)
 
 COMPONENT_NAMES = {
     "mmdit": "MM-DiT",
@@ -71,7 +80,7 @@ def component_details(files: CheckpointFiles, component: str) -> dict[str, objec
     if component == "mmdit":
         from .mmdit import MMDiTConfig
 
-        config = MMDiTConfig.from_state_dict(component_shapes(files, "mmdit"))
+        config = MMDiTConfig.from_state_dict(logical_component_shapes(files, "mmdit"))
         layers = config.dual_attention_layers
         return {
             "architecture": architecture_name(config),
@@ -117,8 +126,33 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.1f}P{unit}"
 
 
-def describe_checkpoint(path: str | os.PathLike) -> str:
-    """The report ``sd35-flash info`` prints."""
+def quantization_lines(files: CheckpointFiles, backends: bool = False) -> list[str]:
+    """One line per quantized component: format, layers, group size and, with ``backends``, the runtime
+    backend that would run it on this machine (``auto``: measured now, flash_core/quant.py)."""
+    from .quant import GROUPED, choose_backend
+
+    lines = []
+    for component in COMPONENT_NAMES:
+        scheme = component_quant(files, component)
+        if scheme is None:
+            continue
+        group = f", group {scheme.group_size}" if scheme.fmt in GROUPED else ""
+        line = f"  {COMPONENT_NAMES[component]} quantization: {scheme.fmt}, {scheme.layers} layers{group}"
+        if backends:
+            from .pipeline import resolve_device, resolve_dtype
+
+            device = resolve_device("auto")
+            width = 1024
+            if component == "mmdit":
+                width = logical_component_shapes(files, "mmdit")["x_embedder.proj.weight"].shape[0]
+            choice = choose_backend(scheme.fmt, device, resolve_dtype("auto", device), width=width)
+            line += f"; runs here ({device.type}) through {choice.describe()}"
+        lines.append(line)
+    return lines
+
+
+def describe_checkpoint(path: str | os.PathLike, backends: bool = False) -> str:
+    """The report ``sd35-flash info`` prints (``backends``: also which quantization backend runs here)."""
     files, infos, metadata = inspect_checkpoint(path)
     lines = [f"{path}", f"  layout: {files.layout}"]
     for info in infos:
@@ -127,6 +161,7 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
         lines.append(f"  {COMPONENT_NAMES[info.name]}: {_human(info.parameters)} parameters, {dtypes}, "
                      f"{info.nbytes / 2**30:.2f} GiB")
         lines.extend(f"    {key}: {value}" for key, value in info.details.items())
+    lines.extend(quantization_lines(files, backends))
     absent = [COMPONENT_NAMES[c] for c in COMPONENT_NAMES if not files.has(c)]
     if absent:
         lines.append(f"  not in this checkpoint: {', '.join(absent)}")
@@ -143,8 +178,9 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
 def weight_bytes(files: CheckpointFiles, component: str, dtype=None) -> int:
     """Bytes the component's weights take in ``dtype`` (None: as stored), from the headers alone."""
     refs = files.components.get(component, {})
+    packed = packed_keys(refs)
     return sum(math.prod(r.shape) * (dtype.itemsize if dtype is not None and r.dtype.is_floating_point
-                                     else r.dtype.itemsize) for r in refs.values())
+                                     and k not in packed else r.dtype.itemsize) for k, r in refs.items())
 
 
 def loader_report(files: CheckpointFiles, *, source: str, weight_dtype=None, t5: str = "absent",

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import FlashError
+from .quant import BACKENDS, DEFAULT_EXCLUDE, DEFAULT_GROUP_SIZE, FORMATS
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "demo" / "sd35_flash_demo.safetensors"
 
@@ -72,10 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--t5", type=Path, help="a separate T5-XXL text encoder file")
     gen.add_argument("--tokenizers", type=Path,
                      help="tokenizer folder (clip/ and t5xxl/, or a diffusers folder); also $SD35_FLASH_TOKENIZERS")
+    gen.add_argument("--weights", choices=FORMATS,
+                     help="quantize the MM-DiT while loading (a quantized checkpoint always loads as stored)")
+    gen.add_argument("--t5-weights", choices=FORMATS, help="quantize T5 while loading")
+    gen.add_argument("--quant-backend", default="auto", choices=["auto", *BACKENDS],
+                     help="how quantized layers run; auto times the candidates on this device (default auto)")
+    gen.add_argument("--memory", metavar="auto|GiB",
+                     help="plan which parts load where to fit this budget (auto: the device's free memory); "
+                          "prints the plan and its estimated peak")
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     info = sub.add_parser("info", help="print what a checkpoint holds (reads headers only)")
     info.add_argument("path", type=Path, help="a .safetensors file or a diffusers folder")
+
+    quant = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (MM-DiT, optionally T5)")
+    quant.add_argument("input", type=Path, help="a checkpoint in any layout generate reads")
+    quant.add_argument("output", type=Path, help="the .safetensors file to write (official single-file layout)")
+    quant.add_argument("--format", required=True, choices=FORMATS, help="the MM-DiT's weight format")
+    quant.add_argument("--t5", choices=FORMATS, help="also quantize T5 to this format (default: T5 as stored)")
+    quant.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                       help=f"int6 / int4 group along the input dimension (default {DEFAULT_GROUP_SIZE}; 0 = whole row)")
+    quant.add_argument("--exclude", metavar="PREFIXES",
+                       help="comma-separated MM-DiT layer prefixes kept in 16 bits (default: "
+                            f"{','.join(DEFAULT_EXCLUDE['mmdit'])}; '' quantizes every Linear)")
+    quant.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return parser
 
 
@@ -114,6 +135,7 @@ def comfyui_graph(args: argparse.Namespace, checkpoint: Path) -> tuple[dict, dic
         args.prompt, checkpoint=checkpoint, negative=args.negative, steps=args.steps, seed=args.seed,
         width=args.width, height=args.height, cfg=args.cfg, batch=args.batch, use_t5=not args.no_t5,
         dtype=args.dtype, mode=args.mode, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
+        quantize=getattr(args, "weights", None) or "none",
         filename_prefix=args.out.stem)
 
 
@@ -128,12 +150,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UsageError("no --checkpoint given and this installation has no embedded demo model "
                              f"(expected at {DEMO_CHECKPOINT}); pass --checkpoint PATH to SD3.5 / SD3.5-Flash weights")
         checkpoint = DEMO_CHECKPOINT
+    weights, t5_weights, use_t5, offload = args.weights, args.t5_weights, not args.no_t5, False
+    if args.memory is not None:
+        plan = memory_plan(args, checkpoint)
+        print(plan.describe(), file=sys.stderr)
+        weights, t5_weights, use_t5, offload = plan.tier.mmdit, plan.t5_weights, plan.use_t5, plan.tier.offload
+    args.weights, args.no_t5 = weights, not use_t5  # what the embedded graph records
     pipe = FlashPipeline.from_checkpoint(
         checkpoint, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5, tokenizers=args.tokenizers,
-        use_t5=not args.no_t5, dtype=args.dtype, device=args.device,
+        use_t5=use_t5, dtype=args.dtype, device=args.device, weights=weights, t5_weights=t5_weights,
+        quant_backend=args.quant_backend, offload=offload,
     )
+    for component, text in pipe.quant_report.items():
+        print(f"{component}: {text}", file=sys.stderr)
     images = pipe(args.prompt, negative=args.negative, steps=args.steps, seed=args.seed, width=args.width,
-                  height=args.height, cfg=args.cfg, use_t5=not args.no_t5, batch=args.batch, mode=args.mode,
+                  height=args.height, cfg=args.cfg, use_t5=use_t5, batch=args.batch, mode=args.mode,
                   progress=not args.quiet)
     prompt, workflow = comfyui_graph(args, checkpoint)
     for image, path in zip(images, paths, strict=True):
@@ -142,17 +173,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def memory_plan(args: argparse.Namespace, checkpoint: Path):
+    """The memory tier for this run (flash_core/memory.py), from the headers of every file involved."""
+    from .checkpoint import index_checkpoint
+    from .memory import parse_budget, plan_memory
+    from .pipeline import _take_component, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    files = index_checkpoint(checkpoint)
+    for component in ("vae", "clip_l", "clip_g", "t5"):
+        extra = getattr(args, component)
+        if extra is not None:
+            _take_component(files, index_checkpoint(extra, component), component, extra)
+    return plan_memory(files, parse_budget(args.memory, device), dtype=resolve_dtype(args.dtype, device),
+                       width=args.width, height=args.height, batch=args.batch, cfg=args.cfg,
+                       weights=args.weights, use_t5=not args.no_t5)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint_info import describe_checkpoint
 
-    print(describe_checkpoint(args.path))
+    print(describe_checkpoint(args.path, backends=True))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quant_io import quantize_checkpoint
+
+    exclude = None if args.exclude is None else tuple(p.strip() for p in args.exclude.split(",") if p.strip())
+    report = quantize_checkpoint(args.input, args.output, fmt=args.format, t5_fmt=args.t5,
+                                 group_size=args.group_size, exclude=exclude, progress=not args.quiet)
+    print(report)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("generate", "quantize"):
+        from .memory import return_large_frees
+
+        return_large_frees()
     try:
-        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+        return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize}[args.command](args)
     except (FlashError, ValueError, FileNotFoundError) as err:
         print(f"sd35-flash: error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -69,11 +69,12 @@ def _spec(title: str, inputs: str, outputs: str, size: tuple[int, int] | None = 
 
 NODE_SPECS: dict[str, NodeSpec] = {
     # ours (nodes/)
-    "SD35FlashCheckpointLoader": _spec("Flash Checkpoint Loader", "ckpt_name:COMBO t5:COMBO weight_dtype:COMBO",
-                                       "MODEL CLIP VAE"),
+    "SD35FlashCheckpointLoader": _spec("Flash Checkpoint Loader",
+                                       "ckpt_name:COMBO t5:COMBO weight_dtype:COMBO quantize:COMBO?", "MODEL CLIP VAE"),
     "SD35FlashTextEncoderLoader": _spec("Triple Text Encoder Loader (T5 optional)",
                                         "clip_l:COMBO clip_g:COMBO t5xxl:COMBO", "CLIP"),
     "SD35FlashVAELoader": _spec("Flash VAE Loader", "vae_name:COMBO", "VAE"),
+    "SD35FlashQuantizeModel": _spec("Quantize MODEL (SD3.5 Flash)", "model:MODEL format:COMBO group_size:INT", "MODEL"),
     "SD35FlashScheduler": _spec("Flash Scheduler", "model:MODEL steps:INT denoise:FLOAT", "SIGMAS"),
     "SD35FlashSampler": _spec("Flash Sampler", "model:MODEL positive:CONDITIONING latent_image:LATENT seed:INT* "
                               "steps:INT cfg:FLOAT mode:COMBO denoise:FLOAT negative:CONDITIONING?", "LATENT"),
@@ -279,16 +280,18 @@ def generation_graph(prompt: str, *, checkpoint: str | os.PathLike = DEMO_CHECKP
                      batch: int = 1, use_t5: bool = True, dtype: str = "auto", mode: str | None = None,
                      vae: str | os.PathLike | None = None, clip_l: str | os.PathLike | None = None,
                      clip_g: str | os.PathLike | None = None, t5: str | os.PathLike | None = None,
-                     filename_prefix: str = "sd35_flash") -> tuple[dict, dict]:
+                     filename_prefix: str = "sd35_flash", quantize: str = "none") -> tuple[dict, dict]:
     """The ComfyUI graph that does what ``sd35-flash generate`` does with these arguments (file arguments by
     their file name, as ComfyUI lists them): ``(api_prompt, ui_workflow)``.
 
     Separate text encoder files go to one Triple Text Encoder Loader (those not given are 'none'); in ComfyUI they
     then replace all of the checkpoint's text encoders, where the CLI fills in the missing ones from it.
+    ``quantize`` (``none``, ``int8``, ``fp8``, ``int6``, ``int4``) is ``generate --weights``: the loader quantizes
+    the MM-DiT while loading it.
     """
     g = Graph()
     loader = g.add("SD35FlashCheckpointLoader", ckpt_name=_name(checkpoint), t5="auto" if use_t5 else "off",
-                   weight_dtype=dtype)
+                   weight_dtype=dtype, quantize=quantize)
     clip = loader["CLIP"]
     if clip_l or clip_g or t5:
         clip = g.add("SD35FlashTextEncoderLoader", clip_l=_name(clip_l) or "none", clip_g=_name(clip_g) or "none",
@@ -311,7 +314,7 @@ def native_sampler_graph(prompt: str, *, checkpoint: str = DEMO_CHECKPOINT_NAME,
     """The Flash Scheduler's sigmas on ComfyUI's own SamplerCustomAdvanced (RandomNoise, BasicGuider at CFG 1,
     KSamplerSelect): the same image as the Flash Sampler in euler mode."""
     g = Graph()
-    loader = g.add("SD35FlashCheckpointLoader", ckpt_name=checkpoint, t5="auto", weight_dtype="auto")
+    loader = g.add("SD35FlashCheckpointLoader", ckpt_name=checkpoint, t5="auto", weight_dtype="auto", quantize="none")
     positive = g.add("CLIPTextEncode", title="Positive Prompt", text=prompt, clip=loader["CLIP"])
     guider = g.add("BasicGuider", model=loader["MODEL"], conditioning=positive[0])
     noise = g.add("RandomNoise", noise_seed=seed % SEED_RANGE)
@@ -348,7 +351,7 @@ def training_graph(teacher: str = DEMO_CHECKPOINT_NAME, *, prompts: str = TRAINI
     split = g.add("SD35FlashTrainSplit", training=dmd[0], iterations=split_iterations, lr=1e-5, boundary=500.0,
                   merge_alpha=0.5, resume=False)
     g.add("SD35FlashTrainSave", training=split[0], stage="latest", filename=filename)
-    loader = g.add("SD35FlashCheckpointLoader", ckpt_name=teacher, t5="auto", weight_dtype="auto")
+    loader = g.add("SD35FlashCheckpointLoader", ckpt_name=teacher, t5="auto", weight_dtype="auto", quantize="none")
     positive = g.add("CLIPTextEncode", title="Positive Prompt", text=prompts.splitlines()[0], clip=loader["CLIP"])
     latent = g.add("EmptySD3LatentImage", width=width, height=height, batch_size=1)
     samples = g.add("SD35FlashSampler", model=split["MODEL"], positive=positive[0], latent_image=latent[0], seed=seed,

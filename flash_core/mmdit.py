@@ -193,15 +193,23 @@ def _cpu_lacks_native_half_matmul(dtype: torch.dtype) -> bool:
     return not torch.cpu._is_amx_fp16_supported()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, computed in fp32 for half inputs on CPUs without native half matmul (see the module doc)."""
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype :func:`linear` multiplies in: fp32 for half inputs on CPUs without native half matmul."""
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         upcast = CPU_HALF_MATMUL_IN_FP32
         if upcast is None:
             upcast = _cpu_lacks_native_half_matmul(x.dtype)
         if upcast:
-            bias = None if bias is None else bias.float()
-            return F.linear(x.float(), weight.float(), bias).to(x.dtype)
+            return torch.float32
+    return x.dtype
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, computed in fp32 for half inputs on CPUs without native half matmul (see the module doc)."""
+    dtype = matmul_dtype(x)
+    if dtype != x.dtype:
+        bias = None if bias is None else bias.to(dtype)
+        return F.linear(x.to(dtype), weight.to(dtype), bias).to(x.dtype)
     return F.linear(x, weight, bias)
 
 

@@ -20,18 +20,22 @@ from . import schedule
 from .checkpoint import (
     CheckpointFiles,
     FlashMetadata,
+    component_shapes,
     component_state_dict,
     index_checkpoint,
     load_mmdit,
     load_vae,
 )
 from .errors import CheckpointError, FlashError
+from .quant import choose_backend, quantized_layers, set_backend
+from .quant_io import quantizable_state
 from .text import TripleTextEncoder, load_tokenizers
-from .vae import SD3VAE, process_out
+from .vae import VAEConfig, process_out
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LATENT_DOWNSCALE = 8
-SIZE_MULTIPLE = 16  # latent side must be a multiple of the patch size (2)
+LATENT_DOWNSCALE = 8  # the released SD3 VAE's; a pipeline uses its own VAE's (VAEConfig.downscale_factor)
+PATCH_SIZE = 2
+SIZE_MULTIPLE = LATENT_DOWNSCALE * PATCH_SIZE  # latent side must be a multiple of the patch size (2)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -53,11 +57,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return DTYPES[dtype]
 
 
-def check_size(width: int, height: int) -> None:
+def check_size(width: int, height: int, downscale: int = LATENT_DOWNSCALE) -> None:
+    """Image sides must be positive multiples of ``downscale * 2``: the latent is ``1/downscale`` of the image
+    (8 for the released VAE, 1 for the toy world's one-level VAE) and its side a multiple of the patch (2)."""
+    multiple = downscale * PATCH_SIZE
     for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % SIZE_MULTIPLE:
-            raise FlashError(f"{name} {value} is not a positive multiple of {SIZE_MULTIPLE} "
-                             f"(the latent is 1/8 of the image and the MM-DiT patch is 2)")
+        if value <= 0 or value % multiple:
+            raise FlashError(f"{name} {value} is not a positive multiple of {multiple} "
+                             f"(the latent is 1/{downscale} of the image and the MM-DiT patch is {PATCH_SIZE})")
 
 
 def latents_to_images(images: torch.Tensor) -> list[Image.Image]:
@@ -78,16 +85,59 @@ class Conditioning:
         return Conditioning(self.context.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
 
 
-class FlashPipeline:
-    """Text-to-image with an SD3.x MM-DiT (teacher or few-step student)."""
+class Slot:
+    """A pipeline part: a module, or a loader that builds it when its phase starts (memory tiers).
 
-    def __init__(self, mmdit: torch.nn.Module, vae: SD3VAE, text_encoder: TripleTextEncoder,
-                 metadata: FlashMetadata | None = None, device: str | torch.device = "cpu"):
-        self.mmdit = mmdit
-        self.vae = vae
-        self.text_encoder = text_encoder
-        self.metadata = metadata or FlashMetadata()
+    :meth:`release` after the phase drops a loadable part (the CPU: its memory goes back) or moves a given one
+    to the CPU (a GPU: device memory goes back, the next call moves it again).
+    """
+
+    def __init__(self, value: torch.nn.Module | Callable[[], torch.nn.Module], device: torch.device):
+        self.loader = None if isinstance(value, torch.nn.Module) else value
+        self.module = value if isinstance(value, torch.nn.Module) else None
+        self.device = device
+
+    def get(self) -> torch.nn.Module:
+        if self.module is None:
+            self.module = self.loader()
+        elif self.loader is None and self.device.type != "cpu":
+            self.module.to(self.device)
+        return self.module
+
+    def release(self) -> None:
+        if self.loader is not None:
+            self.module = None
+        elif self.module is not None and self.device.type != "cpu":
+            self.module.to("cpu")
+
+
+class FlashPipeline:
+    """Text-to-image with an SD3.x MM-DiT (teacher or few-step student).
+
+    Each part may be given as a module or as a zero-argument loader; with ``offload=True`` every part is
+    released after its phase (encode, denoise, decode), so the peak is the largest phase (flash_core/memory.py).
+    Latents are sized by the VAE's ``downscale_factor`` (pixels per latent): taken from a VAE module, or given
+    with a VAE loader (default 8, the released VAE's).
+    """
+
+    def __init__(self, mmdit, vae, text_encoder, metadata: FlashMetadata | None = None,
+                 device: str | torch.device = "cpu", offload: bool = False, downscale_factor: int | None = None):
         self.device = torch.device(device)
+        config = getattr(vae, "config", None)
+        self.downscale_factor = downscale_factor or getattr(config, "downscale_factor", LATENT_DOWNSCALE)
+        self.slots = {name: Slot(part, self.device)
+                      for name, part in (("mmdit", mmdit), ("vae", vae), ("text_encoder", text_encoder))}
+        self.metadata = metadata or FlashMetadata()
+        self.offload = offload
+        self.quant_report: dict[str, str] = {}  # component -> "int8 through int8mm (...)", for the CLI
+
+    mmdit = property(lambda self: self.slots["mmdit"].get())
+    vae = property(lambda self: self.slots["vae"].get())
+    text_encoder = property(lambda self: self.slots["text_encoder"].get())
+
+    def _done_with(self, name: str) -> None:
+        if self.offload:
+            self.slots[name].release()
 
     # ---------------------------------------------------------------------------------------------- loading
 
@@ -96,11 +146,16 @@ class FlashPipeline:
                         clip_l: str | os.PathLike | None = None, clip_g: str | os.PathLike | None = None,
                         t5: str | os.PathLike | None = None, tokenizers: str | os.PathLike | None = None,
                         use_t5: bool = True, dtype: str | torch.dtype = "auto",
-                        device: str | torch.device = "auto") -> FlashPipeline:
+                        device: str | torch.device = "auto", weights: str | None = None,
+                        t5_weights: str | None = None, quant_backend: str = "auto",
+                        offload: bool = False) -> FlashPipeline:
         """Load a checkpoint in any supported layout; separate files fill or replace its components.
 
         ``use_t5=False`` never reads the T5 weights (the T5-off memory tier). Tokenizers come from
-        ``tokenizers``, a diffusers folder, or ``$SD35_FLASH_TOKENIZERS``.
+        ``tokenizers``, a diffusers folder, or ``$SD35_FLASH_TOKENIZERS``. ``weights`` / ``t5_weights``
+        (``int8``, ``fp8``, ``int6``, ``int4``) quantize the MM-DiT / T5 while they are read; a quantized file
+        loads as stored. ``quant_backend`` picks the runtime (flash_core/quant.py, ``auto`` measures).
+        ``offload=True`` loads each part when its phase starts and releases it after.
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -119,18 +174,33 @@ class FlashPipeline:
             tokenizers = checkpoint
         toks = load_tokenizers(tokenizers)
         metadata = FlashMetadata.from_safetensors(files.metadata, str(checkpoint))
+        use_t5 = use_t5 and files.has("t5")
+        report: dict[str, str] = {}
 
-        # Cast while reading, tensor by tensor: the stored-dtype copy of the whole model never exists.
-        mmdit = load_mmdit(component_state_dict(files, "mmdit", dtype=dtype), dtype=dtype, device=device)
-        vae_model = load_vae(component_state_dict(files, "vae"), dtype=torch.float32, device=device,
-                             what=f"'{files.sources['vae'][0]}' (VAE)")
-        text_encoder = TripleTextEncoder.from_state_dicts(
-            clip_l=component_state_dict(files, "clip_l") if files.has("clip_l") else None,
-            clip_g=component_state_dict(files, "clip_g") if files.has("clip_g") else None,
-            t5=component_state_dict(files, "t5") if use_t5 and files.has("t5") else None,
-            tokenizers=toks, dtype=dtype, device=device,
-        )
-        return cls(mmdit, vae_model, text_encoder, metadata, device)
+        def mmdit():
+            return _load_quantizable(files, "mmdit", weights, dtype, device, quant_backend, report)
+
+        def vae_model():
+            return load_vae(component_state_dict(files, "vae"), dtype=torch.float32, device=device,
+                            what=f"'{files.sources['vae'][0]}' (VAE)")
+
+        def text_encoder():
+            t5_sd, t5_scheme = quantizable_state(files, "t5", t5_weights, dtype) if use_t5 else (None, None)
+            encoder = TripleTextEncoder.from_state_dicts(
+                clip_l=component_state_dict(files, "clip_l") if files.has("clip_l") else None,
+                clip_g=component_state_dict(files, "clip_g") if files.has("clip_g") else None,
+                t5=t5_sd, tokenizers=toks, dtype=dtype, device=device, t5_quant=t5_scheme)
+            if t5_scheme is not None:
+                _choose_backend(encoder.t5, t5_scheme, device, dtype, quant_backend, report, "t5")
+            return encoder
+
+        parts = (mmdit, vae_model, text_encoder)
+        if not offload:  # read everything now: errors surface before any sampling
+            parts = tuple(load() for load in parts)
+        downscale = VAEConfig.from_state_dict(component_shapes(files, "vae")).downscale_factor
+        pipe = cls(*parts, metadata, device, offload=offload, downscale_factor=downscale)
+        pipe.quant_report = report
+        return pipe
 
     # ---------------------------------------------------------------------------------------------- sampling
 
@@ -168,15 +238,17 @@ class FlashPipeline:
     def generate_latents(self, cond: Conditioning, *, seed: int, width: int, height: int, steps: int = 4,
                          cfg: float = 1.0, uncond: Conditioning | None = None, mode: str | None = None,
                          callback: schedule.StepCallback | None = None) -> torch.Tensor:
-        """Sample model-space latents ``[B, 16, H/8, W/8]`` (one image per conditioning row)."""
-        check_size(width, height)
+        """Sample model-space latents ``[B, 16, H/f, W/f]``, ``f = downscale_factor`` (one image per conditioning
+        row)."""
+        check_size(width, height, self.downscale_factor)
         mode = mode or self.metadata.sampler_mode or "euler"
         if mode not in schedule.SAMPLER_MODES:
             raise FlashError(f"sampler mode '{mode}' is not one of {', '.join(schedule.SAMPLER_MODES)}")
         if cfg != 1.0 and uncond is None:
             raise FlashError("cfg other than 1.0 needs a negative (unconditional) prompt")
         batch = cond.context.shape[0]
-        shape = (batch, 16, height // LATENT_DOWNSCALE, width // LATENT_DOWNSCALE)
+        f = self.downscale_factor
+        shape = (batch, 16, height // f, width // f)
         noise = schedule.initial_noise(seed, shape).to(self.device)
         sigmas = self.sigmas(steps).to(self.device)
         velocity = self.velocity_fn(cond, uncond, cfg)
@@ -194,11 +266,12 @@ class FlashPipeline:
                  height: int = 1024, cfg: float = 1.0, use_t5: bool = True, batch: int = 1,
                  mode: str | None = None, progress: bool | Callable[[int, int], None] = True) -> list[Image.Image]:
         """Generate ``batch`` images for ``prompt``; noise for the whole batch comes from ``seed``."""
-        check_size(width, height)
+        check_size(width, height, self.downscale_factor)
         if batch < 1:
             raise FlashError(f"batch must be at least 1, got {batch}")
         cond = self.encode_prompt(prompt, use_t5).repeat(batch)
         uncond = self.encode_prompt(negative, use_t5).repeat(batch) if cfg != 1.0 else None
+        self._done_with("text_encoder")
         callback, bar = _progress_callback(progress, len(self.sigmas(steps)) - 1)
         try:
             latents = self.generate_latents(cond, seed=seed, width=width, height=height, steps=steps, cfg=cfg,
@@ -206,7 +279,10 @@ class FlashPipeline:
         finally:
             if bar is not None:
                 bar.close()
-        return self.decode(latents)
+        self._done_with("mmdit")
+        images = self.decode(latents)
+        self._done_with("vae")
+        return images
 
 
 def _progress_callback(progress, total: int):
@@ -218,6 +294,24 @@ def _progress_callback(progress, total: int):
 
     bar = tqdm(total=total, desc="sampling", unit="step")
     return (lambda i, x, x0: bar.update(1)), bar
+
+
+def _load_quantizable(files: CheckpointFiles, component: str, fmt: str | None, dtype: torch.dtype,
+                      device: torch.device, backend: str, report: dict[str, str]) -> torch.nn.Module:
+    sd, scheme = quantizable_state(files, component, fmt, dtype)
+    if scheme is None:
+        return load_mmdit(sd, dtype=dtype, device=device)
+    model = load_mmdit(sd, dtype=dtype, device=device, quant_scheme=scheme)
+    _choose_backend(model, scheme, device, dtype, backend, report, component)
+    return model
+
+
+def _choose_backend(model: torch.nn.Module, scheme, device, dtype, backend: str, report: dict, component: str):
+    layers = quantized_layers(model)
+    width = max((layer.in_features for layer in layers.values()), default=1024)
+    choice = choose_backend(scheme.fmt, device, dtype, width=min(width, 4096), requested=backend)
+    set_backend(model, choice.backend, dtype)
+    report[component] = f"{scheme.fmt}, {len(layers)} layers, backend {choice.describe()}"
 
 
 def _take_component(files: CheckpointFiles, extra: CheckpointFiles, component: str, path) -> None:

@@ -27,9 +27,11 @@ narrower than 4096 is zero-padded on the channel axis like the CLIP pair (a no-o
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -65,6 +68,8 @@ CLIP_ACTIVATIONS = {"clip_l": "quick_gelu", "clip_g": "gelu"}
 SLOT_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5": "T5-XXL"}
 ENV_TOKENIZERS = "SD35_FLASH_TOKENIZERS"
 T5_SUBFOLDERS = ("t5xxl", "t5", "t5_tokenizer")
+# tokenizer_config.json classes whose tokenizer.json is used as-is (not rebuilt as CLIP's BPE / T5's Unigram)
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 # --------------------------------------------------------------------------------------------- tokenizers
@@ -79,8 +84,22 @@ class Tokenizers:
     t5: object | None = None
 
 
+def _generic_tokenizer_config(folder: Path) -> dict | None:
+    """tokenizer_config.json of a folder whose tokenizer.json is read as-is (``tokenizer_class``
+    PreTrainedTokenizerFast, e.g. the toy world's word-level tokenizer); None for any other folder."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    generic = isinstance(config, dict) and config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
+    return config if generic and (folder / "tokenizer.json").is_file() else None
+
+
 def _is_clip_dir(folder: Path) -> bool:
-    return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return True
+    config = _generic_tokenizer_config(folder)  # a CLIP row needs a start token: T5 folders have none
+    return config is not None and bool(config.get("bos_token")) and bool(config.get("eos_token"))
 
 
 def _is_t5_dir(folder: Path) -> bool:
@@ -131,7 +150,8 @@ def _not_found_message(looked: list[str]) -> str:
         f"  - nowhere: no path was given, ${ENV_TOKENIZERS} is not set and ComfyUI is not installed"
     )
     return (
-        "No CLIP tokenizer found (vocab.json + merges.txt). Looked in:\n" + where + "\n"
+        "No CLIP tokenizer found (vocab.json + merges.txt, or a PreTrainedTokenizerFast tokenizer.json with a "
+        "start token). Looked in:\n" + where + "\n"
         "Fix: pass --tokenizers PATH (or load_tokenizers(PATH)), set "
         f"{ENV_TOKENIZERS}=PATH, or point at a diffusers model folder (with tokenizer/, tokenizer_2/, "
         "tokenizer_3/). PATH may also hold clip/ and t5xxl/ subfolders, or the CLIP files themselves."
@@ -139,11 +159,13 @@ def _not_found_message(looked: list[str]) -> str:
 
 
 def _load_clip_tokenizer(folder: Path):
-    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    cls = PreTrainedTokenizerFast if _generic_tokenizer_config(folder) is not None else CLIPTokenizer
+    return cls.from_pretrained(str(folder), local_files_only=True)
 
 
 def _load_t5_tokenizer(folder: Path):
-    return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    cls = PreTrainedTokenizerFast if _generic_tokenizer_config(folder) is not None else T5TokenizerFast
+    return cls.from_pretrained(str(folder), local_files_only=True)
 
 
 def load_tokenizers(path=None) -> Tokenizers:
@@ -283,7 +305,9 @@ def infer_clip_config(sd: Mapping[str, torch.Tensor], slot: str, expect_width: i
         num_hidden_layers=_count_layers(sd, r"text_model\.encoder\.layers\.(\d+)\."),
         num_attention_heads=hidden // CLIP_HEAD_DIM, max_position_embeddings=positions,
         hidden_act=CLIP_ACTIVATIONS[slot], projection_dim=projection_dim, layer_norm_eps=1e-5,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        # Only transformers' own pooler_output reads these (encode_clip pools at the tokenizer's end token); kept
+        # inside a smaller vocabulary (the toy world's) so that transformers does not warn about them.
+        bos_token_id=min(49406, vocab - 1), eos_token_id=min(49407, vocab - 1), pad_token_id=min(49407, vocab - 1),
     )
 
 
@@ -393,15 +417,39 @@ def build_clip(sd: Mapping[str, torch.Tensor], slot: str, expect_width: int | No
     return _finish(model, dtype, device)
 
 
-def build_t5(sd: Mapping[str, torch.Tensor], expect_width: int | None = None, dtype=None, device=None) -> nn.Module:
+def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """transformers' T5 feed-forward without its cast of the activations to ``wo.weight.dtype``: with a packed
+    ``wo`` that dtype is the storage's (uint8, float8), not the compute dtype."""
+    if hasattr(self, "wi_0"):
+        hidden = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+    else:
+        hidden = self.act(self.wi(hidden_states))
+    return self.wo(self.dropout(hidden))
+
+
+def _keep_feed_forward_dtype(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module).__name__ in ("T5DenseGatedActDense", "T5DenseActDense"):
+            module.forward = types.MethodType(_feed_forward, module)
+
+
+def build_t5(sd: Mapping[str, torch.Tensor], expect_width: int | None = None, dtype=None, device=None,
+             quant_scheme=None) -> nn.Module:
     """T5EncoderModel loaded strictly from ``sd``; ``encoder.embed_tokens.weight`` is tied to ``shared.weight``
-    (either may be the one stored). Weights default to float32."""
-    config = infer_t5_config(sd, expect_width)
+    (either may be the one stored). Weights default to float32. ``quant_scheme`` (a
+    :class:`~.quant.QuantScheme`) says the Linears of ``sd`` are stored packed in that format."""
+    from . import quant
+
+    layers = quant.stored_layers(sd, quant_scheme.fmt, "T5 text encoder (t5)") if quant_scheme else {}
+    config = infer_t5_config(quant.logical_shapes(sd, layers) if layers else sd, expect_width)
     emb_key, emb = _t5_embedding(sd)
-    sd = {k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
+    sd = {k: v for k, v in sd.items() if k not in ("encoder.embed_tokens.weight", quant.FP8_MARKER)}
     sd["shared.weight"] = emb
     with torch.device("meta"):
         model = T5EncoderModel(config)
+    if layers:
+        quant.install_packed(model, sd, layers, quant_scheme.fmt, "T5 text encoder (t5)")
+        _keep_feed_forward_dtype(model)
     _check_keys(model, sd, "t5", may_miss={"encoder.embed_tokens.weight"})
     _load(model, sd)
     model.encoder.embed_tokens.weight = model.shared.weight
@@ -500,11 +548,12 @@ class TripleTextEncoder(nn.Module):
     @classmethod
     def from_state_dicts(cls, clip_l=None, clip_g=None, t5=None, tokenizers: Tokenizers | None = None, dtype=None,
                          device=None, *, t5_max_length: int = T5_DEFAULT_LENGTH,
-                         expect_widths: Mapping[str, int] | None = None) -> TripleTextEncoder:
+                         expect_widths: Mapping[str, int] | None = None, t5_quant=None) -> TripleTextEncoder:
         """Build from HF-layout state dicts (None for an absent encoder; at least one CLIP).
 
         ``dtype`` (default float32) and ``device`` apply to the encoders; ``expect_widths`` (e.g.
-        ``RELEASED_WIDTHS``) rejects encoders of another width per slot with a CheckpointError.
+        ``RELEASED_WIDTHS``) rejects encoders of another width per slot with a CheckpointError; ``t5_quant``
+        (a QuantScheme) reads a T5 stored in a quantized format.
         """
         if clip_l is None and clip_g is None:
             raise CheckpointError("TripleTextEncoder needs a CLIP-L and/or CLIP-G state dict (got neither)")
@@ -513,7 +562,7 @@ class TripleTextEncoder(nn.Module):
             slot: build_clip(sd, slot, widths.get(slot), dtype, device)
             for slot, sd in (("clip_l", clip_l), ("clip_g", clip_g)) if sd is not None
         }
-        t5_model = build_t5(t5, widths.get("t5"), dtype, device) if t5 is not None else None
+        t5_model = build_t5(t5, widths.get("t5"), dtype, device, t5_quant) if t5 is not None else None
         return cls(models.get("clip_l"), models.get("clip_g"), t5_model, tokenizers, t5_max_length)
 
     @property

@@ -68,7 +68,8 @@ class VAEConfig:
 
     @property
     def downscale_factor(self) -> int:
-        """Pixels per latent along each axis (8 for the SD3 VAE)."""
+        """Pixels per latent along each axis: one halving per level after the first (8 for the SD3 VAE, 1 for
+        the toy world's one-level VAE). Pipelines size latents by it, not by a fixed 8."""
         return 2 ** (len(self.channel_mult) - 1)
 
     def to_dict(self) -> dict:
@@ -341,8 +342,14 @@ class SD3VAE(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def downscale_factor(self) -> int:
+        """Pixels per latent along each axis (:attr:`VAEConfig.downscale_factor`)."""
+        return self.config.downscale_factor
+
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] (H, W multiples of 8) -> raw latents [B, 16, H/8, W/8].
+        """Images [B, 3, H, W] in [-1, 1] (H, W multiples of f) -> raw latents [B, 16, H/f, W/f], with
+        f = :attr:`downscale_factor` (8 for the released VAE).
 
         Returns the posterior mean unless ``generator`` is given, then a sample drawn with it (noise is drawn
         on the generator's device, then moved). Output dtype is the module's dtype.
@@ -357,7 +364,8 @@ class SD3VAE(nn.Module):
         return torch.addcmul(mean, std, eps.to(mean.device))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Raw latents [B, 16, h, w] (NOT ``process_in``'d) -> images [B, 3, 8h, 8w], nominally in [-1, 1].
+        """Raw latents [B, 16, h, w] (NOT ``process_in``'d) -> images [B, 3, f h, f w] (f =
+        :attr:`downscale_factor`), nominally in [-1, 1].
 
         The output is not clamped: the decoder can overshoot slightly, and callers that convert to pixels
         clamp (``(x.clamp(-1, 1) + 1) / 2``). Output dtype is the module's dtype.

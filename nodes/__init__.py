@@ -2,6 +2,7 @@
 so this package imports, and its schemas can be tested, where ComfyUI is absent."""
 
 from .loaders import FlashCheckpointLoader, FlashTextEncoderLoader, FlashVAELoader
+from .quantize import FlashQuantizeModel
 from .sampling import FlashSampler, FlashScheduler
 from .training import (
     FlashTrainData,
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SD35FlashCheckpointLoader": FlashCheckpointLoader,
     "SD35FlashTextEncoderLoader": FlashTextEncoderLoader,
     "SD35FlashVAELoader": FlashVAELoader,
+    "SD35FlashQuantizeModel": FlashQuantizeModel,
     "SD35FlashScheduler": FlashScheduler,
     "SD35FlashSampler": FlashSampler,
     "SD35FlashTrainSetup": FlashTrainSetup,
@@ -31,6 +33,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "SD35FlashCheckpointLoader": "Flash Checkpoint Loader",
     "SD35FlashTextEncoderLoader": "Triple Text Encoder Loader (T5 optional)",
     "SD35FlashVAELoader": "Flash VAE Loader",
+    "SD35FlashQuantizeModel": "Quantize MODEL (SD3.5 Flash)",
     "SD35FlashScheduler": "Flash Scheduler",
     "SD35FlashSampler": "Flash Sampler",
     "SD35FlashTrainSetup": "Flash Distillation Setup",

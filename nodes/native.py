@@ -19,7 +19,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..flash_core.checkpoint import CheckpointFiles, FlashMetadata, component_state_dict
+from ..flash_core import quant
+from ..flash_core.checkpoint import CheckpointFiles, FlashMetadata, component_quant, component_state_dict
 from ..flash_core.errors import CheckpointError
 from ..flash_core.text import (
     CONTEXT_DIM,
@@ -30,6 +31,7 @@ from ..flash_core.text import (
     infer_t5_config,
 )
 from ..flash_core.vae import VAEConfig
+from . import quant_ops
 
 METADATA_ATTRIBUTE = "sd35_flash_metadata"  # on the BaseModel, so every clone of the ModelPatcher sees it
 WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -38,18 +40,27 @@ WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "f
 # ------------------------------------------------------------------------------------------------ MODEL
 
 
-def build_model(files: CheckpointFiles, weight_dtype: str = "auto", metadata: FlashMetadata | None = None):
+def build_model(files: CheckpointFiles, weight_dtype: str = "auto", metadata: FlashMetadata | None = None,
+                quantize: str = "none"):
     """A native MODEL (ModelPatcher over ``comfy.model_base.SD3``) from the checkpoint's MM-DiT.
 
     ``comfy.sd.load_diffusion_model_state_dict`` detects the architecture from the shapes, as for any SD3 file.
+    A quantized file (flash_core/quant.py metadata), or ``quantize`` set to a format, loads its Linears packed
+    through :func:`.quant_ops.operations` (the ComfyUI-GGUF pattern; LoRA patches still apply).
     """
     import comfy.sd
 
-    options = {} if WEIGHT_DTYPES[weight_dtype] is None else {"dtype": WEIGHT_DTYPES[weight_dtype]}
+    dtype = WEIGHT_DTYPES[weight_dtype]
+    options = {} if dtype is None else {"dtype": dtype}
     source = files.sources["mmdit"][0]
-    model = comfy.sd.load_diffusion_model_state_dict(component_state_dict(files, "mmdit"), model_options=options)
+    sd, scheme = quant_ops.mmdit_state_dict(files, quantize, dtype)
+    if scheme is not None:
+        options["custom_operations"] = quant_ops.operations()
+    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
     if model is None:
         raise CheckpointError(f"ComfyUI could not detect an SD3 MM-DiT in '{source}'")
+    if scheme is not None:
+        model = quant_ops.finish_loaded(model, scheme, f"'{source}'")
     setattr(model.model, METADATA_ATTRIBUTE, metadata or FlashMetadata())
     return model
 
@@ -64,7 +75,8 @@ def flash_metadata(model) -> FlashMetadata:
 
 def build_vae(files: CheckpointFiles):
     """A native ``comfy.sd.VAE``. The released SD3 VAE goes through ComfyUI's own detection; a narrower one is
-    built by ComfyUI from its config, with identity 1x1 quant convs (SD3's VAE has none)."""
+    built by ComfyUI from its config, with identity 1x1 quant convs (SD3's VAE has none), and with ComfyUI's
+    pixels-per-latent ratios set from its level count (a config-built VAE assumes 8; the toy VAE's is 1)."""
     import comfy.sd
 
     sd = component_state_dict(files, "vae")
@@ -82,6 +94,7 @@ def build_vae(files: CheckpointFiles):
                 "num_res_blocks": config.num_res_blocks, "attn_resolutions": [], "dropout": 0.0}
     vae = comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": z}})
     vae.latent_channels = z
+    vae.downscale_ratio = vae.upscale_ratio = config.downscale_factor
     return vae
 
 
@@ -90,8 +103,24 @@ def build_vae(files: CheckpointFiles):
 
 def text_state_dicts(files: CheckpointFiles, use_t5: bool) -> dict[str, dict[str, torch.Tensor]]:
     """{slot: HF-layout state dict} for the text encoders present (T5 only when ``use_t5``; never read otherwise)."""
-    slots = ("clip_l", "clip_g", "t5") if use_t5 else ("clip_l", "clip_g")
-    return {slot: component_state_dict(files, slot) for slot in slots if files.has(slot)}
+    slots = [s for s in (("clip_l", "clip_g", "t5") if use_t5 else ("clip_l", "clip_g")) if files.has(s)]
+    return {slot: _float_text_state(files, slot) for slot in slots}
+
+
+def _float_text_state(files: CheckpointFiles, slot: str) -> dict[str, torch.Tensor]:
+    """A text encoder's state dict with float weights: a quantized one (``sd35-flash quantize --t5``) is
+    unpacked to fp32, because ComfyUI builds its text encoders from float weights (the headless engine keeps
+    them packed). ComfyUI then casts them to its text-encoder dtype."""
+    sd = component_state_dict(files, slot)
+    scheme = component_quant(files, slot)
+    if scheme is None:
+        return sd
+    layers = quant.stored_layers(sd, scheme.fmt, f"'{files.sources[slot][0]}' ({SLOT_NAMES[slot]})")
+    sd.pop(quant.FP8_MARKER, None)
+    for layer in layers:
+        scale = sd.pop(f"{layer}.{quant.SCALE_KEY[scheme.fmt]}")
+        sd[f"{layer}.weight"] = quant.dequantize_tensors(scheme.fmt, sd[f"{layer}.weight"], scale, torch.float32)
+    return sd
 
 
 def _width(slot: str, sd: Mapping[str, torch.Tensor]) -> int:

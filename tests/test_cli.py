@@ -49,7 +49,7 @@ def test_png_carries_the_comfyui_prompt_and_workflow(checkpoint, tmp_path):
         assert check_graph(prompt, workflow) == []
         nodes = {n["class_type"]: n["inputs"] for n in prompt.values() if n["class_type"] != "CLIPTextEncode"}
         assert nodes["SD35FlashCheckpointLoader"] == {"ckpt_name": "tiny.safetensors", "t5": "off",
-                                                      "weight_dtype": "auto"}
+                                                      "weight_dtype": "auto", "quantize": "none"}
         sampler = nodes["SD35FlashSampler"]
         assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["mode"]) == (11, 2, 2.5, "auto")
         assert nodes["EmptySD3LatentImage"] == {"width": 48, "height": 32, "batch_size": 2}

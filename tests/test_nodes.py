@@ -15,7 +15,8 @@ import sd35_flash
 from sd35_flash.flash_core.checkpoint import FlashMetadata, index_checkpoint
 from sd35_flash.flash_core.checkpoint_info import loader_report
 from sd35_flash.flash_core.errors import FlashError
-from sd35_flash.nodes import sampling
+from sd35_flash.flash_core.quant import DEFAULT_GROUP_SIZE, FORMATS, SCALE_KEY, quantize_weight
+from sd35_flash.nodes import quant_ops, sampling
 from sd35_flash.nodes.native import METADATA_ATTRIBUTE
 
 from factories import write_tiny_checkpoint
@@ -28,7 +29,7 @@ def test_pack_imports_without_comfyui():
             "print(sorted(m for m in ('comfy', 'folder_paths', 'server', 'nodes') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    assert len(NODES) == 12 and set(NODES) == set(sd35_flash.NODE_DISPLAY_NAME_MAPPINGS)
+    assert len(NODES) == 13 and set(NODES) == set(sd35_flash.NODE_DISPLAY_NAME_MAPPINGS)
 
 
 @pytest.mark.parametrize("name", list(NODES))
@@ -106,3 +107,24 @@ def test_loader_report_describes_the_checkpoint(tmp_path):
     assert with_t5["memory_bytes"]["text_encoders"] > memory["text_encoders"]  # T5 off is not counted
     as_stored = loader_report(files, source="tiny.safetensors", t5="off")
     assert as_stored["weight_format"] == "fp32" and as_stored["memory_bytes"]["mmdit"] == 2 * memory["mmdit"]
+
+
+def test_quantize_options_are_the_engine_formats():
+    loader = NODES["SD35FlashCheckpointLoader"].INPUT_TYPES()
+    # optional and last: API prompts and workflows saved before it existed still run, their widgets in order
+    assert list(loader["optional"]) == ["quantize"]
+    assert loader["optional"]["quantize"][0] == ["none", *FORMATS]
+    assert loader["optional"]["quantize"][1]["default"] == "none"
+    node = NODES["SD35FlashQuantizeModel"]
+    inputs = node.INPUT_TYPES()["required"]
+    assert list(inputs) == ["model", "format", "group_size"] and inputs["format"][0] == list(FORMATS)
+    assert inputs["group_size"][1]["default"] == DEFAULT_GROUP_SIZE and inputs["group_size"][1]["min"] == 0
+    assert node.RETURN_TYPES == ("MODEL",) and node.CATEGORY == "SD3.5 Flash"
+    assert sd35_flash.NODE_DISPLAY_NAME_MAPPINGS["SD35FlashQuantizeModel"] == "Quantize MODEL (SD3.5 Flash)"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_format_is_recognised_from_dtype_and_width(fmt):
+    qw = quantize_weight(torch.randn(8, 192), fmt)
+    assert quant_ops._packed_format(qw.data, SCALE_KEY[fmt], 192) == fmt
+    assert quant_ops._packed_format(qw.data, SCALE_KEY[fmt], 100) in (fmt if fmt in ("int8", "fp8") else None,)

@@ -98,10 +98,11 @@ def test_generation_graph_with_every_option_is_valid(schemas):
     api, ui = generation_graph("a cat", checkpoint="/models/mmdit_only.safetensors", negative="blurry", steps=8,
                                seed=-1, width=768, height=512, cfg=3.5, batch=3, use_t5=False, dtype="bf16",
                                mode="renoise", vae="vae/sd3_vae.safetensors", clip_l="clip_l.safetensors",
-                               clip_g="clip_g.safetensors", t5="t5xxl.safetensors", filename_prefix="cat")
+                               clip_g="clip_g.safetensors", t5="t5xxl.safetensors", filename_prefix="cat",
+                               quantize="int4")
     assert check_graph(api, ui, schemas) == []
     (loader,) = _nodes(api, "SD35FlashCheckpointLoader")
-    assert loader == {"ckpt_name": "mmdit_only.safetensors", "t5": "off", "weight_dtype": "bf16"}
+    assert loader == {"ckpt_name": "mmdit_only.safetensors", "t5": "off", "weight_dtype": "bf16", "quantize": "int4"}
     assert _nodes(api, "SD35FlashTextEncoderLoader") == [
         {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "none"}]
     assert _nodes(api, "SD35FlashVAELoader") == [{"vae_name": "sd3_vae.safetensors"}]
