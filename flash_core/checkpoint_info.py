@@ -27,6 +27,30 @@ COMPONENT_NAMES = {
 }
 
 
+RELEASED_DOWNSCALE = 8  # pixels per latent of the released SD3 VAE: what ComfyUI's EmptySD3LatentImage assumes
+
+
+def vae_downscale(files: CheckpointFiles) -> int:
+    """Pixels per latent of the checkpoint's VAE (``VAEConfig.downscale_factor``: 8 for the released SD3 VAE, 1
+    for the toy world's one-level VAE), from its headers; 8 when ``files`` holds no VAE."""
+    if not files.has("vae"):
+        return RELEASED_DOWNSCALE
+    from .vae import VAEConfig
+
+    return VAEConfig.from_state_dict(component_shapes(files, "vae")).downscale_factor
+
+
+def largest_image_size(files: CheckpointFiles) -> int | None:
+    """The largest image side the MM-DiT can make with this VAE: ``pos_embed_max_size * patch * downscale``
+    (None without an MM-DiT). 16 px for the demo model, 3072 px for SD3.5 Medium."""
+    if not files.has("mmdit"):
+        return None
+    from .mmdit import MMDiTConfig
+
+    config = MMDiTConfig.from_state_dict(logical_component_shapes(files, "mmdit"))
+    return config.pos_embed_max_size * config.patch_size * vae_downscale(files)
+
+
 def architecture_name(config) -> str:
     """A released model's name when the shapes match one, else a description of the shapes."""
     from .mmdit import MMDiTConfig
@@ -90,7 +114,8 @@ def component_details(files: CheckpointFiles, component: str) -> dict[str, objec
             "dual attention layers": _layer_list(layers),
             "qk norm": "RMSNorm" if config.qk_norm else "none",
             "pos-embed table": f"{config.pos_embed_max_size}x{config.pos_embed_max_size}",
-            "max resolution": f"{config.pos_embed_max_size * config.patch_size * 8} px",
+            "max resolution": f"{config.pos_embed_max_size * config.patch_size * vae_downscale(files)} px"
+                              + ("" if files.has("vae") else " (with the released 8x VAE)"),
         }
     if component == "vae":
         from .vae import VAEConfig

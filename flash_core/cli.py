@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive_int, default=4,
                      help="2 or 4 use the student grid; any other count the shift-3 teacher schedule (default 4)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed, as in ComfyUI (default 0)")
-    gen.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
-    gen.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
+    gen.add_argument("--width", type=int, help="pixels, a multiple of 16 (of 2 for the demo model: 2 x its VAE's "
+                                                "pixels per latent); default 1024, or the model's largest size when "
+                                                "smaller (16 for the demo model)")
+    gen.add_argument("--height", type=int, help="pixels, as --width (default: as --width's)")
     gen.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance; 1.0 = one forward per step")
     gen.add_argument("--negative", "-n", default="", help="negative prompt (used when --cfg is not 1)")
     gen.add_argument("--no-t5", action="store_true", help="run without T5 (77 CLIP tokens; T5 is not loaded)")
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--clip-g", type=Path, help="a separate CLIP-G text encoder file")
     gen.add_argument("--t5", type=Path, help="a separate T5-XXL text encoder file")
     gen.add_argument("--tokenizers", type=Path,
-                     help="tokenizer folder (clip/ and t5xxl/, or a diffusers folder); also $SD35_FLASH_TOKENIZERS")
+                     help="tokenizer folder (clip/ and t5xxl/, or a diffusers folder). Default, first found: the "
+                          "checkpoint's own (a tokenizers/ folder beside the file, or a diffusers folder's), "
+                          "$SD35_FLASH_TOKENIZERS, the ComfyUI installation")
     gen.add_argument("--weights", choices=FORMATS,
                      help="quantize the MM-DiT while loading (a quantized checkpoint always loads as stored)")
     gen.add_argument("--t5-weights", choices=FORMATS, help="quantize T5 while loading")
@@ -127,8 +131,9 @@ def save_png(image, path: Path, chunks: dict | None = None) -> None:
         raise
 
 
-def comfyui_graph(args: argparse.Namespace, checkpoint: Path) -> tuple[dict, dict]:
-    """The ComfyUI graph of this run, ``(api_prompt, ui_workflow)``: what the PNG's prompt/workflow chunks hold."""
+def comfyui_graph(args: argparse.Namespace, checkpoint: Path, downscale_factor: int = 8) -> tuple[dict, dict]:
+    """The ComfyUI graph of this run, ``(api_prompt, ui_workflow)``: what the PNG's prompt/workflow chunks hold.
+    ``downscale_factor``: the VAE's pixels per latent (the graph's EmptySD3LatentImage is sized for it)."""
     from .graph import generation_graph
 
     return generation_graph(
@@ -136,13 +141,49 @@ def comfyui_graph(args: argparse.Namespace, checkpoint: Path) -> tuple[dict, dic
         width=args.width, height=args.height, cfg=args.cfg, batch=args.batch, use_t5=not args.no_t5,
         dtype=args.dtype, mode=args.mode, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
         quantize=getattr(args, "weights", None) or "none",
-        filename_prefix=args.out.stem)
+        filename_prefix=args.out.stem, downscale_factor=downscale_factor)
+
+
+DEFAULT_SIZE = 1024
+
+
+def run_files(args: argparse.Namespace, checkpoint: Path):
+    """The checkpoint's files with the separate ``--vae`` / ``--clip-l`` / ``--clip-g`` / ``--t5`` files in their
+    slots (headers only), as ``FlashPipeline.from_checkpoint`` will combine them."""
+    from .checkpoint import index_checkpoint
+    from .pipeline import _take_component
+
+    files = index_checkpoint(checkpoint)
+    for component in ("vae", "clip_l", "clip_g", "t5"):
+        extra = getattr(args, component)
+        if extra is not None:
+            _take_component(files, index_checkpoint(extra, component), component, extra)
+    return files
+
+
+def image_size(args: argparse.Namespace, files) -> int:
+    """Fill in ``args.width`` / ``args.height`` (default 1024, or the model's largest size when smaller) and
+    check them against the VAE's pixels per latent and the MM-DiT's position table; returns that VAE factor."""
+    from .checkpoint_info import largest_image_size, vae_downscale
+    from .pipeline import check_size
+
+    downscale = vae_downscale(files)
+    largest = largest_image_size(files)
+    default = DEFAULT_SIZE if largest is None else min(DEFAULT_SIZE, largest)
+    args.width = args.width if args.width is not None else (args.height or default)
+    args.height = args.height if args.height is not None else args.width
+    check_size(args.width, args.height, downscale)
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if largest is not None and value > largest:
+            raise UsageError(f"{name} {value} is larger than this model's largest image side, {largest} px "
+                             "(its position table x patch 2 x its VAE's pixels per latent)")
+    return downscale
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline import FlashPipeline, check_size
+    from .pipeline import FlashPipeline
 
-    check_size(args.width, args.height)
     paths = output_paths(args.out, args.batch)
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -150,6 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UsageError("no --checkpoint given and this installation has no embedded demo model "
                              f"(expected at {DEMO_CHECKPOINT}); pass --checkpoint PATH to SD3.5 / SD3.5-Flash weights")
         checkpoint = DEMO_CHECKPOINT
+    downscale = image_size(args, run_files(args, checkpoint))
     weights, t5_weights, use_t5, offload = args.weights, args.t5_weights, not args.no_t5, False
     if args.memory is not None:
         plan = memory_plan(args, checkpoint)
@@ -166,7 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = pipe(args.prompt, negative=args.negative, steps=args.steps, seed=args.seed, width=args.width,
                   height=args.height, cfg=args.cfg, use_t5=use_t5, batch=args.batch, mode=args.mode,
                   progress=not args.quiet)
-    prompt, workflow = comfyui_graph(args, checkpoint)
+    prompt, workflow = comfyui_graph(args, checkpoint, downscale)
     for image, path in zip(images, paths, strict=True):
         save_png(image, path, {"prompt": prompt, "workflow": workflow})
         print(path)
@@ -175,16 +217,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def memory_plan(args: argparse.Namespace, checkpoint: Path):
     """The memory tier for this run (flash_core/memory.py), from the headers of every file involved."""
-    from .checkpoint import index_checkpoint
     from .memory import parse_budget, plan_memory
-    from .pipeline import _take_component, resolve_device, resolve_dtype
+    from .pipeline import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    files = index_checkpoint(checkpoint)
-    for component in ("vae", "clip_l", "clip_g", "t5"):
-        extra = getattr(args, component)
-        if extra is not None:
-            _take_component(files, index_checkpoint(extra, component), component, extra)
+    files = run_files(args, checkpoint)
+    if args.width is None or args.height is None:
+        image_size(args, files)
     return plan_memory(files, parse_budget(args.memory, device), dtype=resolve_dtype(args.dtype, device),
                        width=args.width, height=args.height, batch=args.batch, cfg=args.cfg,
                        weights=args.weights, use_t5=not args.no_t5)

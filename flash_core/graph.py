@@ -22,7 +22,12 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")  # inputs the edit
 CONTROL_AFTER_GENERATE = "fixed"  # the seed widget's companion value: keep the seed, so the graph reproduces
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
 DEMO_CHECKPOINT_NAME = "sd35_flash_demo.safetensors"
-EXAMPLE_PROMPT = "a red circle at the top left on a blue background"
+EXAMPLE_PROMPT = "a large red circle at the top"  # in the demo model's vocabulary (training/toyworld/world.py)
+# The demo model (training/toyworld): 16 px images from a VAE without downsampling (1 pixel per latent), so its
+# EmptySD3LatentImage is 128 x 128 (ComfyUI divides by 8: a 16 x 16 latent), and VAEDecode gives 16 px.
+DEMO_IMAGE_SIZE = 16
+DEMO_DOWNSCALE = 1
+DEMO_SHOW_SIZE = 128  # the demo example enlarges its 16 px image (nearest) to this before saving
 SEED_RANGE = 2 ** 64  # ComfyUI's seed widgets take 0 .. 2**64 - 1; torch seeds a negative s as s mod 2**64
 
 
@@ -100,6 +105,7 @@ NODE_SPECS: dict[str, NodeSpec] = {
     "EmptySD3LatentImage": _spec("EmptySD3LatentImage", "width:INT height:INT batch_size:INT", "LATENT"),
     "VAEDecode": _spec("VAE Decode", "samples:LATENT vae:VAE", "IMAGE"),
     "SaveImage": _spec("Save Image", "images:IMAGE filename_prefix:STRING", "", size=(420, 470)),
+    "ImageScale": _spec("Upscale Image", "image:IMAGE upscale_method:COMBO width:INT height:INT crop:COMBO", "IMAGE"),
     "SamplerCustomAdvanced": _spec("SamplerCustomAdvanced", "noise:NOISE guider:GUIDER sampler:SAMPLER "
                                    "sigmas:SIGMAS latent_image:LATENT", "output:LATENT denoised_output:LATENT"),
     "RandomNoise": _spec("RandomNoise", "noise_seed:INT*", "NOISE"),
@@ -280,9 +286,16 @@ def generation_graph(prompt: str, *, checkpoint: str | os.PathLike = DEMO_CHECKP
                      batch: int = 1, use_t5: bool = True, dtype: str = "auto", mode: str | None = None,
                      vae: str | os.PathLike | None = None, clip_l: str | os.PathLike | None = None,
                      clip_g: str | os.PathLike | None = None, t5: str | os.PathLike | None = None,
-                     filename_prefix: str = "sd35_flash", quantize: str = "none") -> tuple[dict, dict]:
+                     filename_prefix: str = "sd35_flash", quantize: str = "none", downscale_factor: int = 8,
+                     show_at: int | None = None) -> tuple[dict, dict]:
     """The ComfyUI graph that does what ``sd35-flash generate`` does with these arguments (file arguments by
     their file name, as ComfyUI lists them): ``(api_prompt, ui_workflow)``.
+
+    ``width`` / ``height`` are the image's pixels; ``downscale_factor`` is the VAE's pixels per latent (8 for the
+    released SD3 VAE, 1 for the demo model's): ComfyUI's EmptySD3LatentImage always makes ``width // 8`` latents,
+    so it is given ``width * 8 / downscale_factor`` (128 for the demo's 16 px), and VAEDecode, with the VAE's own
+    ratio (nodes/native.build_vae), gives back ``width`` pixels. ``show_at``: an ImageScale (nearest-exact) to that
+    width before SaveImage, so a tiny image is visible (the demo example).
 
     Separate text encoder files go to one Triple Text Encoder Loader (those not given are 'none'); in ComfyUI they
     then replace all of the checkpoint's text encoders, where the CLI fills in the missing ones from it.
@@ -298,21 +311,30 @@ def generation_graph(prompt: str, *, checkpoint: str | os.PathLike = DEMO_CHECKP
                      t5xxl=(_name(t5) if use_t5 else None) or "none")["CLIP"]
     positive = g.add("CLIPTextEncode", title="Positive Prompt", text=prompt, clip=clip)
     negative_node = g.add("CLIPTextEncode", title="Negative Prompt", text=negative, clip=clip) if cfg != 1 else None
-    latent = g.add("EmptySD3LatentImage", width=width, height=height, batch_size=batch)
+    latent = g.add("EmptySD3LatentImage", **empty_latent_size(width, height, downscale_factor), batch_size=batch)
     samples = g.add("SD35FlashSampler", model=loader["MODEL"], positive=positive[0], latent_image=latent[0],
                     seed=seed % SEED_RANGE, steps=steps, cfg=float(cfg), mode=mode or "auto", denoise=1.0,
                     negative=negative_node[0] if negative_node else None)
     vae_out = g.add("SD35FlashVAELoader", vae_name=_name(vae))["VAE"] if vae else loader["VAE"]
-    image = g.add("VAEDecode", samples=samples[0], vae=vae_out)
-    g.add("SaveImage", images=image[0], filename_prefix=filename_prefix)
+    image = g.add("VAEDecode", samples=samples[0], vae=vae_out)[0]
+    if show_at:
+        image = g.add("ImageScale", title="Enlarge (nearest)", image=image, upscale_method="nearest-exact",
+                      width=show_at, height=round(show_at * height / width), crop="disabled")[0]
+    g.add("SaveImage", images=image, filename_prefix=filename_prefix)
     return g.api(), g.workflow()
+
+
+def empty_latent_size(width: int, height: int, downscale_factor: int = 8) -> dict[str, int]:
+    """EmptySD3LatentImage's ``width`` / ``height`` for an image of ``width`` x ``height`` pixels from a VAE of
+    ``downscale_factor`` pixels per latent (ComfyUI's node always divides by 8)."""
+    return {"width": width * 8 // downscale_factor, "height": height * 8 // downscale_factor}
 
 
 def native_sampler_graph(prompt: str, *, checkpoint: str = DEMO_CHECKPOINT_NAME, steps: int = 4, seed: int = 0,
                          width: int = 1024, height: int = 1024, sampler: str = "euler",
-                         filename_prefix: str = "sd35_flash") -> tuple[dict, dict]:
+                         filename_prefix: str = "sd35_flash", downscale_factor: int = 8) -> tuple[dict, dict]:
     """The Flash Scheduler's sigmas on ComfyUI's own SamplerCustomAdvanced (RandomNoise, BasicGuider at CFG 1,
-    KSamplerSelect): the same image as the Flash Sampler in euler mode."""
+    KSamplerSelect): the same image as the Flash Sampler in euler mode. Sizes as in :func:`generation_graph`."""
     g = Graph()
     loader = g.add("SD35FlashCheckpointLoader", ckpt_name=checkpoint, t5="auto", weight_dtype="auto", quantize="none")
     positive = g.add("CLIPTextEncode", title="Positive Prompt", text=prompt, clip=loader["CLIP"])
@@ -320,7 +342,7 @@ def native_sampler_graph(prompt: str, *, checkpoint: str = DEMO_CHECKPOINT_NAME,
     noise = g.add("RandomNoise", noise_seed=seed % SEED_RANGE)
     select = g.add("KSamplerSelect", sampler_name=sampler)
     sigmas = g.add("SD35FlashScheduler", model=loader["MODEL"], steps=steps, denoise=1.0)
-    latent = g.add("EmptySD3LatentImage", width=width, height=height, batch_size=1)
+    latent = g.add("EmptySD3LatentImage", **empty_latent_size(width, height, downscale_factor), batch_size=1)
     samples = g.add("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=select[0],
                     sigmas=sigmas[0], latent_image=latent[0])
     image = g.add("VAEDecode", samples=samples["output"], vae=loader["VAE"])
@@ -328,16 +350,18 @@ def native_sampler_graph(prompt: str, *, checkpoint: str = DEMO_CHECKPOINT_NAME,
     return g.api(), g.workflow()
 
 
-TRAINING_PROMPTS = "a red circle at the top left\na blue square at the bottom right\na green triangle in the middle"
+TRAINING_PROMPTS = "a red circle at the top\na blue square at the bottom\na green triangle in the center"
 
 
 def training_graph(teacher: str = DEMO_CHECKPOINT_NAME, *, prompts: str = TRAINING_PROMPTS, run_name: str = "flash_run",
-                   student_steps: int = 4, width: int = 512, height: int = 512, samples_per_prompt: int = 4,
-                   batch_size: int = 4, seed: int = 0, teacher_steps: int = 32, pretrain_iterations: int = 2000,
-                   dmd_iterations: int = 1200, split_iterations: int = 400,
-                   filename: str = "sd35_flash_student") -> tuple[dict, dict]:
+                   student_steps: int = 4, width: int = DEMO_IMAGE_SIZE, height: int = DEMO_IMAGE_SIZE,
+                   samples_per_prompt: int = 4, batch_size: int = 4, seed: int = 0, teacher_steps: int = 32,
+                   pretrain_iterations: int = 2000, dmd_iterations: int = 1200, split_iterations: int = 400,
+                   filename: str = "sd35_flash_student", downscale_factor: int = DEMO_DOWNSCALE) -> tuple[dict, dict]:
     """The distillation as a graph: setup -> teacher data -> pre-training -> DMD -> split + merge -> save, and
-    an image from the merged student (text encoders and VAE from the teacher file)."""
+    an image from the merged student (text encoders and VAE from the teacher file). ``width`` / ``height`` are
+    pixels; ``downscale_factor`` is the teacher VAE's pixels per latent (sizes as in :func:`generation_graph`;
+    the defaults fit the demo model)."""
     g = Graph()
     setup = g.add("SD35FlashTrainSetup", teacher=teacher, prompts=prompts, run_name=run_name,
                   student_steps=student_steps, width=width, height=height, samples_per_prompt=samples_per_prompt,
@@ -353,7 +377,7 @@ def training_graph(teacher: str = DEMO_CHECKPOINT_NAME, *, prompts: str = TRAINI
     g.add("SD35FlashTrainSave", training=split[0], stage="latest", filename=filename)
     loader = g.add("SD35FlashCheckpointLoader", ckpt_name=teacher, t5="auto", weight_dtype="auto", quantize="none")
     positive = g.add("CLIPTextEncode", title="Positive Prompt", text=prompts.splitlines()[0], clip=loader["CLIP"])
-    latent = g.add("EmptySD3LatentImage", width=width, height=height, batch_size=1)
+    latent = g.add("EmptySD3LatentImage", **empty_latent_size(width, height, downscale_factor), batch_size=1)
     samples = g.add("SD35FlashSampler", model=split["MODEL"], positive=positive[0], latent_image=latent[0], seed=seed,
                     steps=student_steps, cfg=1.0, mode="auto", denoise=1.0)
     image = g.add("VAEDecode", samples=samples[0], vae=loader["VAE"])
@@ -361,8 +385,11 @@ def training_graph(teacher: str = DEMO_CHECKPOINT_NAME, *, prompts: str = TRAINI
     return g.api(), g.workflow()
 
 
-_EXAMPLE = {"checkpoint": DEMO_CHECKPOINT_NAME, "width": 512, "height": 512, "seed": 0}
+_EXAMPLE = {"checkpoint": DEMO_CHECKPOINT_NAME, "width": DEMO_IMAGE_SIZE, "height": DEMO_IMAGE_SIZE, "seed": 0,
+            "downscale_factor": DEMO_DOWNSCALE}
 EXAMPLES: dict[str, Callable[[], tuple[dict, dict]]] = {
+    "sd35_flash_demo": lambda: generation_graph("a blue triangle at the top", steps=4, filename_prefix="sd35_flash_demo",
+                                                show_at=DEMO_SHOW_SIZE, **_EXAMPLE),
     "sd35_flash_4step": lambda: generation_graph(EXAMPLE_PROMPT, steps=4, filename_prefix="sd35_flash_4step",
                                                  **_EXAMPLE),
     "sd35_flash_2step": lambda: generation_graph(EXAMPLE_PROMPT, steps=2, filename_prefix="sd35_flash_2step",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import CheckpointFiles, component_quant, logical_component_shapes, packed_keys
+from .checkpoint_info import vae_downscale
 from .errors import FlashError
 from .quant import DEFAULT_EXCLUDE, DEFAULT_GROUP_SIZE, can_quantize, quantized_nbytes
 
@@ -181,13 +182,14 @@ def activation_bytes(files: CheckpointFiles, *, width: int, height: int, batch: 
     if files.has("mmdit"):
         hidden = logical_component_shapes(files, "mmdit")["x_embedder.proj.weight"].shape[0]
     text_tokens = CLIP_TOKENS + (T5_TOKENS if use_t5 and files.has("t5") else 0)
-    image_tokens = (height // 16) * (width // 16)
+    f = vae_downscale(files)  # pixels per latent (8 for the released VAE, 1 for the demo's)
+    image_tokens = (height // (2 * f)) * (width // (2 * f))  # patch 2
     tokens = image_tokens + text_tokens
     heads = max(1, hidden // 64)
     denoise = rows * (tokens * hidden * 4 * 12 + heads * tokens * tokens * 4)
     t5_width = 4096
     encode = rows * text_tokens * t5_width * 4 * 8
-    decode = batch * (128 * height * width * 4 * 3 + (height // 8 * width // 8) ** 2 * 4)
+    decode = batch * (128 * height * width * 4 * 3 + (height // f * width // f) ** 2 * 4)
     return {"encode": encode, "denoise": denoise, "decode": decode}
 
 

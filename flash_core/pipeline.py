@@ -29,7 +29,7 @@ from .checkpoint import (
 from .errors import CheckpointError, FlashError
 from .quant import choose_backend, quantized_layers, set_backend
 from .quant_io import quantizable_state
-from .text import TripleTextEncoder, load_tokenizers
+from .text import TripleTextEncoder, load_tokenizers, tokenizers_beside
 from .vae import VAEConfig, process_out
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -151,8 +151,9 @@ class FlashPipeline:
                         offload: bool = False) -> FlashPipeline:
         """Load a checkpoint in any supported layout; separate files fill or replace its components.
 
-        ``use_t5=False`` never reads the T5 weights (the T5-off memory tier). Tokenizers come from
-        ``tokenizers``, a diffusers folder, or ``$SD35_FLASH_TOKENIZERS``. ``weights`` / ``t5_weights``
+        ``use_t5=False`` never reads the T5 weights (the T5-off memory tier). Tokenizers, first found: ``tokenizers``;
+        the checkpoint's own (a diffusers folder's, or a ``tokenizers/`` folder beside a checkpoint file, as the
+        demo model ships them); ``$SD35_FLASH_TOKENIZERS``; the ComfyUI installation (``text.load_tokenizers``). ``weights`` / ``t5_weights``
         (``int8``, ``fp8``, ``int6``, ``int4``) quantize the MM-DiT / T5 while they are read; a quantized file
         loads as stored. ``quant_backend`` picks the runtime (flash_core/quant.py, ``auto`` measures).
         ``offload=True`` loads each part when its phase starts and releases it after.
@@ -172,6 +173,8 @@ class FlashPipeline:
                                   "(and optionally --t5)")
         if tokenizers is None and Path(checkpoint).is_dir():
             tokenizers = checkpoint
+        if tokenizers is None:
+            tokenizers = tokenizers_beside(checkpoint)
         toks = load_tokenizers(tokenizers)
         metadata = FlashMetadata.from_safetensors(files.metadata, str(checkpoint))
         use_t5 = use_t5 and files.has("t5")

@@ -168,15 +168,42 @@ def _load_t5_tokenizer(folder: Path):
     return cls.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_tokenizers(path=None) -> Tokenizers:
-    """Load the CLIP-L, CLIP-G and (if present) T5 tokenizers from local files only.
+@dataclass(frozen=True)
+class TokenizerDirs:
+    """The folders :func:`load_tokenizers` reads: CLIP-L's, CLIP-G's (often the same) and T5's (None if absent)."""
 
-    ``path`` may be a diffusers model folder, a folder with ``clip/`` and ``t5xxl/`` subfolders (the layout of
-    ``shared/tokenizers``), a ComfyUI installation, or a folder holding vocab.json + merges.txt (T5 then in a
-    ``t5xxl``/``t5``/``t5_tokenizer`` folder inside or beside it). When ``path`` is None the environment
-    variable ``SD35_FLASH_TOKENIZERS`` and then the ComfyUI this pack runs in are tried. The T5 tokenizer is
-    optional (None when absent). Raises TokenizerNotFoundError listing every place looked.
-    """
+    clip_l: Path
+    clip_g: Path
+    t5: Path | None = None
+
+
+def reads_as_is(folder) -> bool:
+    """Whether a tokenizer folder's ``tokenizer.json`` is read as-is with ``PreTrainedTokenizerFast`` (e.g. the toy
+    world's word-level vocabulary) rather than as CLIP's BPE / T5's Unigram files."""
+    return _generic_tokenizer_config(Path(folder)) is not None
+
+
+def tokenizers_beside(checkpoint) -> Path | None:
+    """The ``tokenizers/`` folder beside a checkpoint file (the demo model's layout: ``demo/sd35_flash_demo.safetensors``
+    and ``demo/tokenizers/clip``, ``demo/tokenizers/t5xxl``), when it holds a layout :func:`load_tokenizers`
+    accepts; None otherwise, and for a folder checkpoint (a diffusers folder carries its own tokenizers)."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        return None
+    folder = path.parent / "tokenizers"
+    if not folder.is_dir():
+        return None
+    try:
+        find_tokenizer_dirs(folder)
+    except TokenizerNotFoundError:
+        return None
+    return folder
+
+
+def find_tokenizer_dirs(path=None) -> TokenizerDirs:
+    """Where :func:`load_tokenizers` would read from (same search, same errors), without loading anything."""
     looked = []
     for origin, root in _tokenizer_roots(path):
         for description, l_dir, g_dir, t5_dirs in _layouts(root):
@@ -187,11 +214,31 @@ def load_tokenizers(path=None) -> Tokenizers:
             if t5_dir is None:
                 logger.info("No T5 tokenizer beside %s (looked in %s); T5 prompts unavailable", l_dir,
                             ", ".join(map(str, t5_dirs)))
-            clip_l = _load_clip_tokenizer(l_dir)
-            clip_g = clip_l if g_dir == l_dir else _load_clip_tokenizer(g_dir)
-            t5 = _load_t5_tokenizer(t5_dir) if t5_dir is not None else None
-            return Tokenizers(clip_l=clip_l, clip_g=clip_g, t5=t5)
+            return TokenizerDirs(l_dir, g_dir, t5_dir)
     raise TokenizerNotFoundError(_not_found_message(looked))
+
+
+def load_tokenizers(path=None) -> Tokenizers:
+    """Load the CLIP-L, CLIP-G and (if present) T5 tokenizers from local files only.
+
+    ``path`` may be a diffusers model folder, a folder with ``clip/`` and ``t5xxl/`` subfolders (the layout of
+    ``shared/tokenizers`` and of the demo model's ``tokenizers/``), a ComfyUI installation, or a folder holding
+    vocab.json + merges.txt (T5 then in a ``t5xxl``/``t5``/``t5_tokenizer`` folder inside or beside it). When
+    ``path`` is None the environment variable ``SD35_FLASH_TOKENIZERS`` and then the ComfyUI this pack runs in
+    are tried. The T5 tokenizer is optional (None when absent). Raises TokenizerNotFoundError listing every
+    place looked.
+
+    Order of precedence for a checkpoint (``FlashPipeline.from_checkpoint``, ``sd35-flash generate`` and the
+    Flash Checkpoint Loader): an explicit path (``--tokenizers``), then the checkpoint's own tokenizers (a
+    diffusers folder's ``tokenizer*/``, or a ``tokenizers/`` folder beside a checkpoint file:
+    :func:`tokenizers_beside`), then ``$SD35_FLASH_TOKENIZERS``, then the ComfyUI installation. A model's own
+    tokenizers come before the environment's because they are the ones its text encoders were made with.
+    """
+    dirs = find_tokenizer_dirs(path)
+    clip_l = _load_clip_tokenizer(dirs.clip_l)
+    clip_g = clip_l if dirs.clip_g == dirs.clip_l else _load_clip_tokenizer(dirs.clip_g)
+    t5 = _load_t5_tokenizer(dirs.t5) if dirs.t5 is not None else None
+    return Tokenizers(clip_l=clip_l, clip_g=clip_g, t5=t5)
 
 
 def _text_ids(tokenizer, prompts: list[str]) -> list[list[int]]:

@@ -12,6 +12,7 @@ from ..flash_core.checkpoint import CheckpointFiles, FlashMetadata, index_checkp
 from ..flash_core.checkpoint_info import COMPONENT_NAMES, loader_report
 from ..flash_core.errors import CheckpointError
 from ..flash_core.quant import FORMATS
+from ..flash_core.text import tokenizers_beside
 from . import native, quant_ops
 
 CATEGORY = "SD3.5 Flash"
@@ -115,7 +116,8 @@ class FlashCheckpointLoader:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_OPTIONS)}, got '{quantize}'")
         model = native.build_model(files, weight_dtype, metadata, quantize)
         texts = native.text_state_dicts(files, use_t5=t5_state == "on")
-        clip = native.build_clip(texts, {s: ckpt_name for s in texts}, weight_dtype) if texts else None
+        tokenizers = tokenizers_beside(path)  # the model's own tokenizers (the demo's word-level vocabulary)
+        clip = native.build_clip(texts, {s: ckpt_name for s in texts}, weight_dtype, tokenizers) if texts else None
         vae = native.build_vae(files) if files.has("vae") else None
         report = loader_report(files, source=ckpt_name, weight_dtype=native.WEIGHT_DTYPES[weight_dtype], t5=t5_state,
                                metadata=metadata)
@@ -152,14 +154,17 @@ class FlashTextEncoderLoader:
         if not chosen.keys() & {"clip_l", "clip_g"}:
             raise CheckpointError("choose a CLIP-L and/or CLIP-G file: SD3 conditioning needs at least one CLIP")
         files = CheckpointFiles(layout="split text encoder files")
+        tokenizers = None
         for slot, name in chosen.items():
-            part = index_checkpoint(full_path(name, "text_encoders"), slot)
+            path = full_path(name, "text_encoders")
+            tokenizers = tokenizers or tokenizers_beside(path)  # a tokenizers/ folder beside the first file having one
+            part = index_checkpoint(path, slot)
             if not part.has(slot):
                 found = ", ".join(COMPONENT_NAMES[c] for c in part.components) or "nothing"
                 raise CheckpointError(f"'{name}' was chosen as {COMPONENT_NAMES[slot]} but holds {found} weights")
             files.components[slot], files.sources[slot] = part.components[slot], part.sources[slot]
         texts = native.text_state_dicts(files, use_t5=True)
-        clip = native.build_clip(texts, chosen)
+        clip = native.build_clip(texts, chosen, tokenizers=tokenizers)
         send_report(unique_id, loader_report(files, source=", ".join(chosen.values()),
                                              t5="on" if "t5" in chosen else "absent"))
         return (clip,)

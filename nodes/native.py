@@ -8,7 +8,10 @@ is what the stock loaders cannot do:
 * text encoders and VAEs narrower than the released ones (the demo and test models): ComfyUI's own classes,
   sized through their config overrides, with conditioning zero-padded to the SD3 widths exactly as
   :func:`..flash_core.text.assemble_conditioning` pads it;
-* our checkpoint metadata (student grid, sampler mode) kept on the model for the Flash Scheduler.
+* our checkpoint metadata (student grid, sampler mode) kept on the model for the Flash Scheduler, and its VAE's
+  pixels per latent for the Flash Sampler's size check;
+* a model's own tokenizers (a ``tokenizers/`` folder beside the checkpoint, e.g. the demo model's word-level
+  vocabulary): ComfyUI's own ``SDTokenizer`` pointed at those folders, and the CLIP models told their special ids.
 
 Every ``comfy`` import is inside a function: this module imports where ComfyUI is absent.
 """
@@ -21,19 +24,31 @@ import torch
 
 from ..flash_core import quant
 from ..flash_core.checkpoint import CheckpointFiles, FlashMetadata, component_quant, component_state_dict
+from ..flash_core.checkpoint_info import RELEASED_DOWNSCALE
+from ..flash_core.checkpoint_info import vae_downscale as files_vae_downscale
 from ..flash_core.errors import CheckpointError
 from ..flash_core.text import (
+    CLIP_G_PAD_ID,
+    CLIP_LENGTH,
     CONTEXT_DIM,
     POOLED_DIM,
     RELEASED_WIDTHS,
     SLOT_NAMES,
+    T5_DEFAULT_LENGTH,
+    TokenizerDirs,
+    Tokenizers,
+    find_tokenizer_dirs,
     infer_clip_config,
     infer_t5_config,
+    load_tokenizers,
+    reads_as_is,
 )
 from ..flash_core.vae import VAEConfig
 from . import quant_ops
 
 METADATA_ATTRIBUTE = "sd35_flash_metadata"  # on the BaseModel, so every clone of the ModelPatcher sees it
+DOWNSCALE_ATTRIBUTE = "sd35_flash_vae_downscale"  # the checkpoint's VAE's pixels per latent, on the BaseModel
+COMFY_CLIP_VOCAB = 49408  # ComfyUI's CLIP BPE vocabulary (ids up to 49407), what SD3Tokenizer emits
 WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -62,12 +77,19 @@ def build_model(files: CheckpointFiles, weight_dtype: str = "auto", metadata: Fl
     if scheme is not None:
         model = quant_ops.finish_loaded(model, scheme, f"'{source}'")
     setattr(model.model, METADATA_ATTRIBUTE, metadata or FlashMetadata())
+    setattr(model.model, DOWNSCALE_ATTRIBUTE, files_vae_downscale(files))
     return model
 
 
 def flash_metadata(model) -> FlashMetadata:
     """The metadata the Flash loader attached to a MODEL (empty for models from other loaders)."""
     return getattr(model.model, METADATA_ATTRIBUTE, None) or FlashMetadata()
+
+
+def vae_downscale(model) -> int:
+    """Pixels per latent of the VAE in the MODEL's checkpoint (the Flash loader records it; 8, the released SD3
+    VAE's, for models from other loaders or checkpoints without a VAE)."""
+    return getattr(model.model, DOWNSCALE_ATTRIBUTE, None) or RELEASED_DOWNSCALE
 
 
 # ------------------------------------------------------------------------------------------------ VAE
@@ -154,12 +176,14 @@ def check_slots(state_dicts: Mapping[str, Mapping[str, torch.Tensor]], names: Ma
 
 
 def build_clip(state_dicts: Mapping[str, Mapping[str, torch.Tensor]], names: Mapping[str, str] | None = None,
-               weight_dtype: str = "auto"):
+               weight_dtype: str = "auto", tokenizers=None):
     """A native ``comfy.sd.CLIP`` (SD3 tokenizer + ``SD3ClipModel``) from {slot: HF-layout state dict}.
 
     Released widths load exactly as ComfyUI's TripleCLIPLoader / DualCLIPLoader(type=sd3) load them. Narrower
     encoders are ComfyUI's same classes sized by config overrides (``<name>_model_config``), in a subclass that
-    zero-pads T5 to 4096 channels and the pooled vector to 2048 like the headless engine.
+    zero-pads T5 to 4096 channels and the pooled vector to 2048 like the headless engine. ``tokenizers`` (a folder
+    :func:`..flash_core.text.load_tokenizers` reads, e.g. the one beside the checkpoint: ``text.tokenizers_beside``)
+    replaces ComfyUI's BPE tokenizers for narrow encoders: the demo model's word-level vocabulary.
     """
     import comfy.sd
 
@@ -168,10 +192,38 @@ def build_clip(state_dicts: Mapping[str, Mapping[str, torch.Tensor]], names: Map
     if all(widths[slot] == RELEASED_WIDTHS[slot] for slot in widths):
         return comfy.sd.load_text_encoder_state_dicts([dict(sd) for sd in state_dicts.values()],
                                                       clip_type=comfy.sd.CLIPType.SD3, model_options=options)
-    return _build_narrow_clip(state_dicts, options)
+    if tokenizers is None:
+        _check_comfy_vocab(state_dicts, names or {})
+    return _build_narrow_clip(state_dicts, options, tokenizers)
 
 
-def _model_config_overrides(state_dicts) -> dict[str, dict]:
+def _check_comfy_vocab(state_dicts, names: Mapping[str, str]) -> None:
+    """Without a tokenizer folder ComfyUI's BPE ids (up to 49407) are used: refuse a smaller vocabulary clearly
+    rather than with an index error at the first CLIPTextEncode."""
+    for slot in ("clip_l", "clip_g"):
+        if slot in state_dicts:
+            vocab = infer_clip_config(state_dicts[slot], slot).vocab_size
+            if vocab < COMFY_CLIP_VOCAB:
+                raise CheckpointError(
+                    f"'{names.get(slot, slot)}': {SLOT_NAMES[slot]} has a vocabulary of {vocab} ids, not CLIP's "
+                    f"{COMFY_CLIP_VOCAB}, so it needs its own tokenizers: put its tokenizers/ folder (clip/ and "
+                    "t5xxl/) beside the checkpoint file")
+
+
+def _special_ids(toks: Tokenizers | None) -> dict[str, dict[str, int]] | None:
+    """{'clip_l', 'clip_g', 't5': SDClipModel special_tokens} of a tokenizer folder, as flash_core.text tokenizes:
+    CLIP-L pads with its end token, CLIP-G with id 0, T5 has no start token and pads with its pad id."""
+    if toks is None:
+        return None
+    ids = {slot: {"start": tok.bos_token_id, "end": tok.eos_token_id,
+                  "pad": tok.eos_token_id if slot == "clip_l" else CLIP_G_PAD_ID}
+           for slot, tok in (("clip_l", toks.clip_l), ("clip_g", toks.clip_g))}
+    if toks.t5 is not None:
+        ids["t5"] = {"end": toks.t5.eos_token_id, "pad": toks.t5.pad_token_id}
+    return ids
+
+
+def _model_config_overrides(state_dicts, special: dict | None = None) -> dict[str, dict]:
     overrides = {}
     for slot, name in (("clip_l", "clip_l"), ("clip_g", "clip_g")):
         if slot in state_dicts:
@@ -185,6 +237,9 @@ def _model_config_overrides(state_dicts) -> dict[str, dict]:
                 "max_position_embeddings": c.max_position_embeddings, "projection_dim": c.projection_dim,
                 "hidden_act": c.hidden_act,
             }
+            if special is not None:  # the ids the CLIP text model pools at when it has no token count
+                overrides[f"{name}_model_config"].update(bos_token_id=special[slot]["start"],
+                                                         eos_token_id=special[slot]["end"])
     if "t5" in state_dicts:
         c = infer_t5_config(state_dicts["t5"])
         overrides["t5xxl_model_config"] = {
@@ -197,15 +252,31 @@ def _model_config_overrides(state_dicts) -> dict[str, dict]:
     return overrides
 
 
-def _padded_sd3_clip(clip_l: bool, clip_g: bool, t5: bool):
+def _padded_sd3_clip(clip_l: bool, clip_g: bool, t5: bool, special: dict | None = None,
+                     g_projection: tuple[int, int] | None = None):
     """ComfyUI's SD3ClipModel for narrow encoders: T5 padded to the context width, pooled padded to 2048,
-    CLIP-L absent padded with CLIP-L's released width (ComfyUI's convention, kept for narrow CLIP-G)."""
+    CLIP-L absent padded with CLIP-L's released width (ComfyUI's convention, kept for narrow CLIP-G).
+
+    ``special`` ({slot: {"start", "end", "pad"}}, from a tokenizer folder) replaces the BPE ids ComfyUI's
+    ``SDClipModel`` / ``SDXLClipG`` / ``T5XXLModel`` hard-code: the end id marks where the pooled feature is read
+    (``SDClipModel.process_tokens`` counts tokens up to the first end id; ``clip_model`` pools at count - 1), and
+    the ids make the empty prompt that prompt weights are measured against. ``g_projection`` ([out, in] of CLIP-G's
+    ``text_projection``) sizes a projection that is not square (ComfyUI's is always hidden x hidden; the demo's
+    CLIP-G projects 64 -> 128, as bigG projects to more than L's width)."""
     import comfy.text_encoders.sd3_clip as sd3_clip
 
     class PaddedSD3ClipModel(sd3_clip.SD3ClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (ComfyUI's signature)
             super().__init__(clip_l=clip_l, clip_g=clip_g, t5=t5, device=device, dtype=dtype,
                              model_options=model_options)
+            for slot, module in (("clip_l", self.clip_l), ("clip_g", self.clip_g), ("t5", self.t5xxl)):
+                if special is not None and module is not None and slot in special:
+                    module.special_tokens = dict(special[slot])
+            if self.clip_g is not None and g_projection is not None:
+                old = self.clip_g.transformer.text_projection
+                if tuple(old.weight.shape) != tuple(g_projection):
+                    self.clip_g.transformer.text_projection = self.clip_g.operations.Linear(
+                        g_projection[1], g_projection[0], bias=False, dtype=old.weight.dtype, device=old.weight.device)
             if self.t5xxl is not None:
                 encode = self.t5xxl.encode_token_weights
 
@@ -225,23 +296,88 @@ def _padded_sd3_clip(clip_l: bool, clip_g: bool, t5: bool):
     return PaddedSD3ClipModel
 
 
-def _build_narrow_clip(state_dicts, options: dict):
+def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None):
+    """An SD3 tokenizer class for ``comfy.sd.CLIP`` made of ComfyUI's own ``SDTokenizer`` pointed at a tokenizer
+    folder, set as ``SD3Tokenizer`` sets its three (so a prompt gives the ids ``flash_core.text`` gives):
+
+    * CLIP-L (``SDTokenizer``): start + prompt + end, padded to 77 with the end token; embeddings 768, ``clip_l``;
+    * CLIP-G (``SDXLClipGTokenizer``): the same, padded with id 0; embeddings 1280, ``clip_g``;
+    * T5 (``T5XXLTokenizer``): no start token, prompt + end, padded with the pad id to at least 77, never chunked;
+      without a T5 folder ComfyUI's own T5 tokenizer.
+
+    A folder with a ``tokenizer.json`` read as-is (the demo's word-level vocabulary) is read with
+    ``PreTrainedTokenizerFast``; CLIP BPE files with ComfyUI's default ``CLIPTokenizer``."""
+    import comfy.sd1_clip as sd1_clip
+    import comfy.text_encoders.sd3_clip as sd3_clip
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast, T5TokenizerFast
+
+    def cls_for(folder, default):
+        return PreTrainedTokenizerFast if reads_as_is(folder) else default
+
+    t5_pad = t5_pad_id
+
+    class FolderSD3Tokenizer(sd3_clip.SD3Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006 (ComfyUI's signature)
+            common = {"embedding_directory": embedding_directory, "tokenizer_data": tokenizer_data}
+            self.clip_l = sd1_clip.SDTokenizer(
+                str(dirs.clip_l), max_length=CLIP_LENGTH, pad_with_end=True, embedding_size=768,
+                embedding_key="clip_l", tokenizer_class=cls_for(dirs.clip_l, CLIPTokenizer), **common)
+            self.clip_g = sd1_clip.SDTokenizer(
+                str(dirs.clip_g), max_length=CLIP_LENGTH, pad_with_end=False, pad_token=CLIP_G_PAD_ID,
+                embedding_size=1280, embedding_key="clip_g", tokenizer_class=cls_for(dirs.clip_g, CLIPTokenizer),
+                **common)
+            if dirs.t5 is None:
+                self.t5xxl = sd3_clip.T5XXLTokenizer(**common)
+            else:
+                self.t5xxl = sd1_clip.SDTokenizer(
+                    str(dirs.t5), pad_with_end=False, pad_token=t5_pad, embedding_size=4096, embedding_key="t5xxl",
+                    tokenizer_class=cls_for(dirs.t5, T5TokenizerFast), has_start_token=False,
+                    pad_to_max_length=False, max_length=99999999, min_length=T5_DEFAULT_LENGTH, **common)
+
+    return FolderSD3Tokenizer
+
+
+def _build_narrow_clip(state_dicts, options: dict, tokenizers=None):
     import comfy.sd
     import comfy.text_encoders.sd3_clip as sd3_clip
     import comfy.utils
 
+    dirs = find_tokenizer_dirs(tokenizers) if tokenizers is not None else None
+    toks = load_tokenizers(tokenizers) if tokenizers is not None else None
+    special = _special_ids(toks)
+
     class Target:
         params: dict = {}
-        tokenizer = sd3_clip.SD3Tokenizer
-        clip = _padded_sd3_clip("clip_l" in state_dicts, "clip_g" in state_dicts, "t5" in state_dicts)
+        tokenizer = sd3_clip.SD3Tokenizer if dirs is None else folder_tokenizer(
+            dirs, toks.t5.pad_token_id if toks.t5 is not None else None)
+        clip = _padded_sd3_clip("clip_l" in state_dicts, "clip_g" in state_dicts, "t5" in state_dicts, special,
+                                _projection_shape(state_dicts.get("clip_g")))
 
     parameters = sum(comfy.utils.calculate_parameters(sd) for sd in state_dicts.values())
-    clip = comfy.sd.CLIP(Target, parameters=parameters, model_options={**options, **_model_config_overrides(state_dicts)})
+    overrides = _model_config_overrides(state_dicts, special)
+    clip = comfy.sd.CLIP(Target, parameters=parameters, model_options={**options, **overrides})
     modules = {"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl"}
     for slot, sd in state_dicts.items():
-        missing, _ = getattr(clip.cond_stage_model, modules[slot]).load_sd(dict(sd))
+        sd = _comfy_vocab_rows(dict(sd)) if slot != "t5" else dict(sd)
+        missing, _ = getattr(clip.cond_stage_model, modules[slot]).load_sd(sd)
         missing = [k for k in missing if not k.endswith(("logit_scale", "text_projection.weight"))]
         if missing:
             raise CheckpointError(f"{SLOT_NAMES[slot]} ({slot}) weights are missing {len(missing)} keys, "
                                   f"e.g. '{missing[0]}'")
     return clip
+
+
+def _comfy_vocab_rows(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's CLIP text model always has CLIP's 49408 token rows (``clip_model.CLIPEmbeddings`` ignores the
+    config's vocab_size): a smaller vocabulary (the demo's) is zero-padded to it; its own ids never reach the
+    padding rows."""
+    key = "text_model.embeddings.token_embedding.weight"
+    table = sd.get(key)
+    if table is not None and table.shape[0] < COMFY_CLIP_VOCAB:
+        sd[key] = torch.cat([table, table.new_zeros(COMFY_CLIP_VOCAB - table.shape[0], table.shape[1])])
+    return sd
+
+
+def _projection_shape(sd) -> tuple[int, int] | None:
+    projection = None if sd is None else sd.get("text_projection.weight")
+    return None if projection is None else tuple(projection.shape)

@@ -13,7 +13,7 @@ import torch
 from ..flash_core import schedule
 from ..flash_core.errors import FlashError
 from .loaders import CATEGORY
-from .native import flash_metadata
+from .native import flash_metadata, vae_downscale
 
 MODES = ["auto", "euler", "renoise"]
 COMFY_SAMPLERS = {"euler": "euler", "renoise": "lcm"}  # lcm = x0_hat, then fresh noise at the next sigma
@@ -35,13 +35,18 @@ def sampler_mode(model, mode: str) -> str:
     return (flash_metadata(model).sampler_mode or "euler") if mode == "auto" else mode
 
 
-def check_latent(samples: torch.Tensor) -> None:
-    """Refuse latents the MM-DiT cannot patchify (image sides must be multiples of 16 pixels)."""
-    height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
-    for name, value in (("width", width), ("height", height)):
-        if value % 16:
-            raise FlashError(f"image {name} {value} is not a multiple of 16 (the latent is {value // 8}); "
-                             "use a size like 1024 or 1008")
+def check_latent(samples: torch.Tensor, downscale: int = 8) -> None:
+    """Refuse latents the MM-DiT cannot patchify: latent sides must be even (patch 2), i.e. image sides multiples
+    of ``2 * downscale`` pixels, ``downscale`` being the model's VAE's pixels per latent (8 for the released VAE,
+    1 for the demo model's; :func:`.native.vae_downscale`)."""
+    multiple = 2 * downscale
+    for name, latent in (("width", samples.shape[-1]), ("height", samples.shape[-2])):
+        value = latent * downscale
+        if value % multiple:
+            hint = ("use a size like 1024 or 1008" if downscale == 8 else
+                    f"EmptySD3LatentImage's {name} must be a multiple of 16 (8 x the latent)")
+            raise FlashError(f"image {name} {value} is not a multiple of {multiple} (the latent is {latent}, "
+                             f"{downscale} px per latent); {hint}")
 
 
 class FlashScheduler:
@@ -113,7 +118,7 @@ class FlashSampler:
         if cfg != 1.0 and negative is None:
             raise FlashError(f"cfg {cfg} needs a negative conditioning; connect one or set cfg to 1.0")
         samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-        check_latent(samples)
+        check_latent(samples, vae_downscale(model))
         sigmas = model_sigmas(model, steps, denoise)
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
         sampler = comfy.samplers.sampler_object(COMFY_SAMPLERS[sampler_mode(model, mode)])

@@ -90,3 +90,25 @@ def write_tiny_checkpoint(path: Path, *, with_text: bool = True, with_t5: bool =
         if with_t5:
             text["t5"] = text_state_dict(tiny_t5(seed + 4))
     return save_checkpoint(path, mmdit=tiny_mmdit(seed=seed), vae=tiny_vae(seed=seed + 1), metadata=metadata, **text)
+
+
+# The demo model's shapes (training/toyworld) at random weights: a one-level VAE (1 pixel per latent), an MM-DiT
+# with an 8x8 position table (16 px images), the toy encoders (a 29-id word-level vocabulary, CLIP-G projecting
+# 64 -> 128) and the toy tokenizer folder beside the file, as the demo ships. ComfyUI loads it (hidden = 64 * depth).
+DEMO_LIKE_MMDIT = MMDiTConfig(depth=2, hidden_size=128, pos_embed_max_size=8, dual_attention_layers=(0,),
+                              qk_norm=True)
+DEMO_LIKE_VAE = VAEConfig(base_channels=32, channel_mult=(1,), num_res_blocks=1)
+
+
+def write_demo_like_checkpoint(folder: Path, name: str = "sd35_flash_demo.safetensors", seed: int = 0) -> Path:
+    """``folder/name`` + ``folder/tokenizers/`` (clip/, t5xxl/): the demo model's layout and shapes, random weights."""
+    from sd35_flash.training.toyworld.encoders import make_text_encoders
+    from sd35_flash.training.toyworld.encoders import text_state_dict as toy_text_state_dict
+    from sd35_flash.training.toyworld.tokenizer import save_tokenizers
+
+    folder = Path(folder)
+    save_tokenizers(folder / "tokenizers")
+    text = {slot: toy_text_state_dict(model) for slot, model in make_text_encoders(seed).items()}
+    meta = FlashMetadata(student_sigmas=[1.0, 0.9, 0.75, 0.5, 0.0], sampler_mode="euler")
+    return save_checkpoint(folder / name, mmdit=tiny_mmdit(DEMO_LIKE_MMDIT, seed), vae=tiny_vae(DEMO_LIKE_VAE, seed + 1),
+                           metadata=meta, **text)

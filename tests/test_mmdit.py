@@ -255,3 +255,15 @@ def test_rms_norm_inference_path_equals_the_reference(dtype, atol):
         got = norm(x)
     assert got.dtype == dtype
     assert (got.float() - expected).abs().max().item() <= atol
+
+
+def test_zero_padded_context_channels_are_skipped_exactly():
+    """embed_context multiplies only the used channels of a zero-padded context (narrow text encoders)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4096, 64)
+    context = torch.zeros(2, 9, 4096)
+    context[..., :96] = torch.randn(2, 9, 96)
+    torch.testing.assert_close(mmdit.embed_context(layer, context), layer(context), rtol=1e-5, atol=1e-5)
+    full = torch.randn(2, 9, 4096)
+    torch.testing.assert_close(mmdit.embed_context(layer, full), layer(full))
+    assert mmdit.embed_context(layer, torch.zeros(1, 3, 4096)).shape == (1, 3, 64)

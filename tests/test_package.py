@@ -58,8 +58,11 @@ def test_training_imports_only_the_engine():
             top = module.split(".")[0]
             if level == 0:
                 assert top not in FORBIDDEN_IN_FLASH_CORE, f"{path.relative_to(ROOT)} imports {module}"
-            elif level >= 2:  # out of training/: only into flash_core
-                assert top == "flash_core", f"{path.relative_to(ROOT)} imports {'.' * level}{module}"
+                continue
+            package = path.relative_to(ROOT).parent.parts  # e.g. ("training", "toyworld")
+            target = [*package[: len(package) - (level - 1)], *module.split(".")]
+            assert target[0] in ("training", "flash_core"), \
+                f"{path.relative_to(ROOT)} imports {'.' * level}{module} (outside training/ and flash_core/)"
 
 
 def test_requirements_txt_lists_the_dependencies_but_torch():

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from sd35_flash.flash_core.checkpoint import FlashMetadata, component_state_dict, index_checkpoint
 from sd35_flash.flash_core.pipeline import FlashPipeline
 from sd35_flash.training.cli import main as train_main
-from sd35_flash.training.config import config_from_dict, load_config, to_toml
+from sd35_flash.training.config import ConfigError, config_from_dict, load_config, to_toml
 from sd35_flash.training.data import TeacherData, make_teacher_data
 from sd35_flash.training.split import RoutedMMDiT
 from sd35_flash.training.trainer import Trainer, World, run_stages
@@ -71,6 +71,55 @@ def test_teacher_data_is_complete_and_rerun_skips_finished_shards(root):
     assert shard.stat().st_mtime_ns == before  # recorded shards are not made again
 
 
+class Killed(Exception):
+    pass
+
+
+def load_shards(folder: Path) -> dict[str, torch.Tensor]:
+    data = TeacherData.load(folder)
+    return {**data.tensors, **{"uncond." + k: v for k, v in data.uncond.items()}}
+
+
+def test_teacher_data_does_not_depend_on_the_sample_batch_and_resumes_exactly(root, tmp_path):
+    """ALGORITHM.md "Stage 0": samples are made ``data.sample_batch`` per teacher forward (here 3 and 1 against
+    the fixture's 8, so batches straddle shards), each from its own seed. Conditioning and noise are bitwise the
+    same; the trajectories agree to float reassociation (batching changes the matmul shapes). A run killed
+    before its second shard resumes with another batch size, keeping the finished shard as written."""
+    def config(name: str, sample_batch: int):
+        return config_from_dict(base_config(root, data={"dir": str(tmp_path / name), "sample_batch": sample_batch}))
+
+    pipe = FlashPipeline.from_checkpoint(root / "teacher.safetensors", tokenizers=TOKENIZERS, dtype="fp32",
+                                         device="cpu")
+    reference = load_shards(root / "data")
+    make_teacher_data(config("whole", 3), pipe, progress=False)
+    whole = load_shards(tmp_path / "whole")
+    assert whole.keys() == reference.keys() and len(whole["noise"]) == 6
+    for key in whole:
+        if key in ("trajectory", "pooled", "pooled_t5"):
+            torch.testing.assert_close(whole[key], reference[key], rtol=0, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(whole[key], reference[key]), key
+
+    def kill(done, total):
+        if done > 4:  # the first shard (4 samples) is written, the second not yet
+            raise Killed
+
+    with pytest.raises(Killed):
+        make_teacher_data(config("broken", 3), pipe, progress=False, callback=kill)
+    first = (tmp_path / "broken" / "shard_00000.safetensors").read_bytes()
+    assert first == (tmp_path / "whole" / "shard_00000.safetensors").read_bytes()
+    assert not (tmp_path / "broken" / "shard_00001.safetensors").exists()
+    with pytest.raises(ConfigError, match="incomplete"):
+        TeacherData.load(tmp_path / "broken")
+    make_teacher_data(config("broken", 1), pipe, progress=False)
+    assert (tmp_path / "broken" / "shard_00000.safetensors").read_bytes() == first
+    resumed = load_shards(tmp_path / "broken")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=1e-5, msg=key)
+    with pytest.raises(ConfigError, match="data.sample_batch"):
+        config("bad", 0)
+
+
 def test_encoder_dropout_zeroes_the_dropped_clip(root):
     data = TeacherData.load(root / "data")
     keep = data.batch(torch.tensor([0, 1]), True, torch.tensor([False, False]), torch.tensor([False, False]))
@@ -107,10 +156,6 @@ def test_all_stages_make_a_checkpoint_that_generates(root, tmp_path):
     pipe = FlashPipeline.from_checkpoint(merged, tokenizers=TOKENIZERS, dtype="fp32", device="cpu")
     image = pipe("a red circle", steps=4, seed=0, width=32, height=32, progress=False)[0]
     assert image.size == (32, 32)
-
-
-class Killed(Exception):
-    pass
 
 
 def kill_after(n: int):
@@ -243,3 +288,20 @@ def test_gradient_checkpointing_gives_the_same_weights_and_bf16_autocast_trains(
     bf16 = run("bf16", autocast="bf16")
     assert all(torch.isfinite(v).all() for v in bf16.values())
     assert any(not torch.equal(plain[k], bf16[k]) for k in plain)  # it trained, in another precision
+
+
+def test_csv_log_widens_its_header_when_a_row_brings_new_keys(tmp_path):
+    from sd35_flash.training.trainer import CSVLog
+
+    log = CSVLog(tmp_path / "log_dmd.csv", enabled=True)
+    log.writer = None  # CSV only
+    log.write(1, {"fake_loss": 0.5})
+    log.write(2, {"fake_loss": 0.4, "generator_loss": 1.5, "g_norm": 2.0})
+    log.write(3, {"fake_loss": 0.3})
+    import csv
+
+    with (tmp_path / "log_dmd.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "fake_loss", "generator_loss", "g_norm"]
+    assert [r["generator_loss"] for r in rows] == ["", "1.5", ""]
+    assert [r["fake_loss"] for r in rows] == ["0.5", "0.4", "0.3"]

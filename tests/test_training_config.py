@@ -68,7 +68,7 @@ def test_int_is_accepted_for_a_float_field():
 def test_unknown_top_level_key_names_it_and_lists_the_tables():
     message = refused("optimizer = 1\n")
     assert "optimizer: unknown key" in message
-    assert "allowed here: data, distributed, dmd, dropout, model, pretrain, split, student, train" in message
+    assert "allowed here: data, distributed, dmd, dropout, model, pretrain, split, student, teacher, train" in message
 
 
 def test_unknown_nested_key_names_the_dotted_path():

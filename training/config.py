@@ -47,6 +47,7 @@ class DataConfig:
     width: int = 64
     height: int = 64
     shard_size: int = 64
+    sample_batch: int = 8              # samples per teacher forward (x2 with CFG); shards do not depend on it
     seed: int = 0
     t5_max_length: int = 77
 
@@ -120,6 +121,34 @@ class SplitConfig:
     merge_alpha: float = 0.5            # theta = a * theta_high + (1 - a) * theta_low
 
 
+def _teacher_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-3, warmup_steps=100)
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher stage: an MM-DiT trained from scratch by rectified flow on VAE latents of (image, caption)
+    pairs (TOYWORLD.md "Teacher"; ALGORITHM.md "Notation"). Its output, ``train.out/teacher.safetensors``, is an
+    official checkpoint that ``model.teacher`` of the distillation stages can name."""
+
+    iterations: int = 1500
+    batch_size: int = 128
+    dataset: str = "toyworld"          # "toyworld", or a folder of images each with a same-named .txt caption
+    dataset_size: int = 20000          # toyworld: scenes drawn once (seed train.seed) and encoded; folder: a cap
+    image_size: int = 16               # pixels (square); latents are image_size / the VAE's downscale factor
+    components: str = ""               # checkpoint holding the frozen VAE and text encoders (an MM-DiT is ignored)
+    depth: int = 2                     # ComfyUI infers depth = hidden_size / 64: keep them so for ComfyUI use
+    hidden_size: int = 128
+    pos_embed_max_size: int = 16       # patches per side of the positional table (>= latent side / 2)
+    dual_attention_layers: list[int] = field(default_factory=lambda: [0])  # MM-DiT-X layers
+    qk_norm: bool = True
+    logit_normal_mean: float = 0.0     # sigma = sigmoid(N(mean, std)) (SD3's logit-normal sampling)
+    logit_normal_std: float = 1.0
+    caption_dropout: float = 0.1       # per sample: the empty caption (the null prompt of CFG)
+    ema_decay: float = 0.999           # the EMA is what is saved; warmed up as min(decay, (1 + n) / (10 + n))
+    optim: OptimConfig = field(default_factory=_teacher_optim)
+
+
 @dataclass
 class DistributedConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # under torchrun: nccl on GPU, gloo on CPU (auto)
@@ -136,6 +165,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,7 +229,8 @@ def _build(cls, data: dict, prefix: str = ""):
 
 def _check(config: Config) -> None:
     positive = {"data.samples_per_prompt": config.data.samples_per_prompt, "data.teacher_steps": config.data.teacher_steps,
-                "data.shard_size": config.data.shard_size, "train.batch_size": config.train.batch_size,
+                "data.shard_size": config.data.shard_size,
+                "data.sample_batch": config.data.sample_batch, "train.batch_size": config.train.batch_size,
                 "train.keep_last": config.train.keep_last, "dmd.fake_updates_per_step": config.dmd.fake_updates_per_step}
     for key, value in positive.items():
         if value < 1:
@@ -222,10 +253,38 @@ def _check(config: Config) -> None:
                 or any(a <= b for a, b in zip(grid, grid[1:], strict=False))):
             raise ConfigError(f"student.sigmas: expected {config.student.steps} decreasing sigmas starting at 1.0 "
                               f"(a final 0 optional), got {sigmas}")
+    _check_teacher(config.teacher)
     low, high = config.dmd.renoise_range if len(config.dmd.renoise_range) == 2 else (None, None)
     if low is None or not 0.0 <= low < high <= 1.0:
         raise ConfigError(f"dmd.renoise_range: expected [low, high] with 0 <= low < high <= 1, "
                           f"got {config.dmd.renoise_range}")
+
+
+def _check_teacher(teacher: TeacherConfig) -> None:
+    counts = {"teacher.iterations": teacher.iterations, "teacher.batch_size": teacher.batch_size,
+              "teacher.dataset_size": teacher.dataset_size, "teacher.image_size": teacher.image_size}
+    for key, value in counts.items():
+        if value < (0 if key == "teacher.iterations" else 1):
+            raise ConfigError(f"{key}: expected a positive integer, got {value}")
+    for key in ("caption_dropout", "ema_decay"):
+        value = getattr(teacher, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"teacher.{key}: expected a number in [0, 1], got {value}")
+    if teacher.logit_normal_std <= 0:
+        raise ConfigError(f"teacher.logit_normal_std: expected a positive number, got {teacher.logit_normal_std}")
+    try:
+        teacher_architecture(teacher)
+    except ValueError as e:
+        raise ConfigError(f"teacher: {e}") from None
+
+
+def teacher_architecture(teacher: TeacherConfig):
+    """The :class:`~flash_core.mmdit.MMDiTConfig` of ``[teacher]`` (patch 2, 16 latent channels, SD3 widths)."""
+    from ..flash_core.mmdit import MMDiTConfig
+
+    return MMDiTConfig(depth=teacher.depth, hidden_size=teacher.hidden_size,
+                       pos_embed_max_size=teacher.pos_embed_max_size,
+                       dual_attention_layers=tuple(teacher.dual_attention_layers), qk_norm=teacher.qk_norm)
 
 
 def config_from_dict(data: dict, source: str = "config") -> Config:

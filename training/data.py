@@ -21,6 +21,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..flash_core.checkpoint import atomic_save
+from ..flash_core.errors import FlashError
+from ..flash_core.pipeline import check_size
 from ..flash_core.schedule import (
     STUDENT_SIGMAS,
     cfg_velocity,
@@ -29,6 +31,7 @@ from ..flash_core.schedule import (
     teacher_sigmas,
 )
 from ..flash_core.text import CLIP_L_WIDTH, CLIP_LENGTH, CONTEXT_DIM
+from ..flash_core.vae import LATENT_CHANNELS
 from .config import Config, ConfigError
 
 MANIFEST = "manifest.json"
@@ -45,6 +48,16 @@ def teacher_path(steps: int, shift: float, through: list[float]) -> torch.Tensor
     """The teacher's shifted schedule with the ``through`` sigmas inserted (so its path passes them exactly)."""
     sigmas = {round(float(s), 6) for s in teacher_sigmas(steps, shift)} | {round(s, 6) for s in through}
     return torch.tensor(sorted(sigmas, reverse=True), dtype=torch.float32)
+
+
+def latent_shape(config: Config, downscale: int) -> tuple[int, int, int]:
+    """``(16, height / f, width / f)``: the teacher's latents, sized by its VAE's ``downscale_factor`` f (8 for
+    the released VAE, 1 for the toy world's; TOYWORLD.md "World": 16 px, patch 2, 64 image tokens)."""
+    try:
+        check_size(config.data.width, config.data.height, downscale)
+    except FlashError as e:
+        raise ConfigError(f"data.width/height: {e}") from None
+    return (LATENT_CHANNELS, config.data.height // downscale, config.data.width // downscale)
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -94,7 +107,9 @@ class _Progress:
 @torch.no_grad()
 def teacher_sample(mmdit, noise: torch.Tensor, cond: tuple, uncond: tuple | None, cfg: float,
                    path: torch.Tensor, keep: list[float]) -> torch.Tensor:
-    """Euler with CFG along ``path`` from ``noise``; the latents at the ``keep`` sigmas, ``[B, len(keep), C, H, W]``."""
+    """Euler with CFG along ``path`` from ``noise`` (ALGORITHM.md "Stage 0"); the latents at the ``keep`` sigmas,
+    ``[B, len(keep), C, H, W]``. A batch of B samples is one forward of 2B per step: the cond rows, then ``uncond``
+    (one negative, expanded) for each."""
     dtype = mmdit.dtype
     context, pooled = cond
     guided = uncond is not None and cfg != 1.0
@@ -131,7 +146,7 @@ def make_teacher_data(config: Config, pipe, progress: bool = True, callback=None
     """Stage 0: write (or complete) the teacher data for ``config`` with the teacher ``pipe`` (a FlashPipeline).
 
     Returns the data folder. Shards already recorded in the manifest are kept; the rest are generated.
-    ``callback(done, total)`` is called after every sample (the ComfyUI node's progress bar).
+    ``callback(done, total)`` is called after every batch of samples (the ComfyUI node's progress bar).
     """
     out = config.resolve(config.data.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +156,7 @@ def make_teacher_data(config: Config, pipe, progress: bool = True, callback=None
     widths = conditioning_widths(pipe.text_encoder)
     has_t5 = pipe.text_encoder.has_t5
     total = len(prompts) * config.data.samples_per_prompt
-    shape = (16, config.data.height // 8, config.data.width // 8)
+    shape = latent_shape(config, pipe.downscale_factor)
     settings = {k: getattr(config.data, k) for k in ("teacher_steps", "teacher_cfg", "negative", "shift", "width",
                                                      "height", "shard_size", "seed", "samples_per_prompt")}
     manifest_path = out / MANIFEST
@@ -175,29 +190,32 @@ def make_teacher_data(config: Config, pipe, progress: bool = True, callback=None
 
 
 def _make_shard(pipe, config, prompts, indices, shape, path, keep, widths, has_t5, uncond, bar) -> dict:
+    """The samples ``indices`` of one shard (ALGORITHM.md "Stage 0"), ``data.sample_batch`` of them per teacher
+    forward (cond and uncond halves together, see :func:`teacher_sample`). Sample ``i``'s noise comes from its own
+    seed ``data.seed + i``, so no sample depends on the batch it was made in, nor the shard on the batch size."""
     rows = {"noise": [], "trajectory": [], "clip": [], "pooled": [], "t5": [], "pooled_t5": [], "prompt_index": []}
-    device = pipe.device
-    for i in indices:
-        prompt_index = i // config.data.samples_per_prompt
-        noise = initial_noise(config.data.seed + i, (1, *shape)).to(device)
-        clip, _, pooled = _encode(pipe.text_encoder, [prompts[prompt_index]], False, widths)
-        cond_key = True if has_t5 else False
+    device, cfg = pipe.device, config.data.teacher_cfg
+    u_clip, u_t5, u_pooled = uncond[has_t5]
+    negative = (pad_context(u_clip, u_t5), u_pooled)
+    for start in range(indices.start, indices.stop, config.data.sample_batch):
+        batch = range(start, min(indices.stop, start + config.data.sample_batch))
+        prompt_index = torch.tensor([i // config.data.samples_per_prompt for i in batch])
+        texts = [prompts[p] for p in prompt_index.tolist()]
+        noise = torch.cat([initial_noise(config.data.seed + i, (1, *shape)) for i in batch]).to(device)
+        clip, _, pooled = _encode(pipe.text_encoder, texts, False, widths)
+        cond = (pad_context(clip, None), pooled)
         if has_t5:
-            clip_t5, t5, pooled_t5 = _encode(pipe.text_encoder, [prompts[prompt_index]], True, widths)
+            clip_t5, t5, pooled_t5 = _encode(pipe.text_encoder, texts, True, widths)
             cond = (pad_context(clip_t5, t5), pooled_t5)
-            rows["t5"].append(t5)
-            rows["pooled_t5"].append(pooled_t5)
-        else:
-            cond = (pad_context(clip, None), pooled)
-        u_clip, u_t5, u_pooled = uncond[cond_key]
-        trajectory = teacher_sample(pipe.mmdit, noise, cond, (pad_context(u_clip, u_t5), u_pooled),
-                                    config.data.teacher_cfg, path.to(device), keep)
+            rows["t5"].append(t5.cpu())
+            rows["pooled_t5"].append(pooled_t5.cpu())
+        trajectory = teacher_sample(pipe.mmdit, noise, cond, negative, cfg, path.to(device), keep)
         rows["noise"].append(noise.cpu())
         rows["trajectory"].append(trajectory.cpu())
         rows["clip"].append(clip.cpu())
         rows["pooled"].append(pooled.cpu())
-        rows["prompt_index"].append(torch.tensor([prompt_index]))
-        bar.update(1)
+        rows["prompt_index"].append(prompt_index)
+        bar.update(len(batch))
     return {k: torch.cat(v).contiguous() for k, v in rows.items() if v}
 
 

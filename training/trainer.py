@@ -1,5 +1,6 @@
-"""The distillation loop: Stage A (trajectory pre-training), Stage B (DMD), Stage C (split fine-tuning) and the
-merge, from one config (ALGORITHM.md; :mod:`.objectives` holds the losses).
+"""The training loop: the teacher (rectified flow from scratch, :mod:`.teacher`), then the distillation: Stage A
+(trajectory pre-training), Stage B (DMD), Stage C (split fine-tuning) and the merge, from one config (ALGORITHM.md;
+:mod:`.objectives` holds the losses).
 
 * Randomness is drawn per step from ``(seed, stage, step)`` for the *global* batch and sliced per rank, so a
   resumed run, and a run on N processes, draw exactly what one uninterrupted process draws.
@@ -26,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..flash_core.checkpoint import (
+    CheckpointFiles,
     FlashMetadata,
     component_state_dict,
     index_checkpoint,
@@ -33,15 +35,26 @@ from ..flash_core.checkpoint import (
     load_vae,
     save_checkpoint,
 )
-from ..flash_core.mmdit import MMDiTConfig
-from ..flash_core.schedule import SD35_SHIFT, STUDENT_SIGMAS, shift_sigma, sigma_to_timestep
+from ..flash_core.mmdit import MMDiT, MMDiTConfig
+from ..flash_core.schedule import (
+    SD35_SHIFT,
+    STUDENT_SIGMAS,
+    initial_noise,
+    sample_euler,
+    shift_sigma,
+    sigma_to_timestep,
+    teacher_sigmas,
+)
+from ..flash_core.vae import process_out
 from . import objectives as obj
-from .config import Config, ConfigError, OptimConfig, to_toml
+from .config import Config, ConfigError, OptimConfig, teacher_architecture, to_toml
 from .data import TeacherData
 from .split import RoutedMMDiT
 from .state import list_states, load_state, save_state, whole
+from .teacher import LatentPool, ema_decay_at, load_dataset, logit_normal_sigmas
 
-STAGES = ("pretrain", "dmd", "split", "merge")
+STAGES = ("pretrain", "dmd", "split", "merge", "teacher")  # the order seeds each stage's generators: append only
+DISTILLATION_STAGES = ("pretrain", "dmd", "split")  # what ``all`` runs after the data stage
 T5_CONVENTION = "optional: 77 CLIP tokens when off"
 
 
@@ -158,15 +171,35 @@ class CSVLog:
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        new = not self.path.exists()
+        header = self._header(values)
         with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", *values])
-            if new:
+            writer = csv.DictWriter(f, fieldnames=header, restval="")
+            if f.tell() == 0:
                 writer.writeheader()
             writer.writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
+
+    def _header(self, values: dict[str, float]) -> list[str]:
+        """The file's columns, widened (the file rewritten through a temporary file) when a row brings a new
+        key: DMD's fake-score warm-up logs fewer values than its generator steps."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return ["step", *values]
+        with self.path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+            f.seek(0)
+            header = next(csv.reader(f))
+        added = [k for k in values if k not in header]
+        if added:
+            header = [*header, *added]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, self.path)
+        return header
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -189,6 +222,7 @@ class Trainer:
         self.models: dict[str, torch.nn.Module] = {}  # the last stage's trained networks
         self._vae = None
         self.preview_model: torch.nn.Module | None = None  # what the stage's previews sample
+        self.preview_fn: Callable[[torch.nn.Module], Image.Image] | None = None  # default: :meth:`preview`
 
     # -------------------------------------------------------------------------------------------- inputs
 
@@ -281,15 +315,17 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- stages
 
     def run(self, stage: str, resume: bool = False) -> Path:
-        if self.config.train.batch_size % self.world.size:
-            raise ConfigError(f"train.batch_size: {self.config.train.batch_size} does not split over "
-                              f"{self.world.size} processes")
+        key, batch = (("teacher.batch_size", self.config.teacher.batch_size) if stage == "teacher"
+                      else ("train.batch_size", self.config.train.batch_size))
+        if batch % self.world.size:
+            raise ConfigError(f"{key}: {batch} does not split over {self.world.size} processes")
         self.out.mkdir(parents=True, exist_ok=True)
         if self.world.main:
             (self.out / "config.toml").write_text(to_toml(self.config))
         if stage == "merge":
             return self.merge()
-        return {"pretrain": self.pretrain, "dmd": self.dmd, "split": self.split}[stage](resume)
+        return {"teacher": self.train_teacher, "pretrain": self.pretrain, "dmd": self.dmd,
+                "split": self.split}[stage](resume)
 
     def _loop(self, stage: str, iterations: int, resume: bool, modules: dict, optimizers: dict,
               step_fn: Callable[[int, torch.Generator], dict[str, float]]) -> None:
@@ -328,7 +364,7 @@ class Trainer:
                        write=self.world.main)
         every = self.config.train.sample_every
         if (self.world.main or self.sharded) and every and self.preview_model is not None and (step + 1) % every == 0:
-            grid = self.preview(self.preview_model)  # a collective under FSDP: every rank samples
+            grid = (self.preview_fn or self.preview)(self.preview_model)  # under FSDP a collective: all sample
             if self.world.main:
                 (self.out / "samples").mkdir(exist_ok=True)
                 grid.save(self.out / "samples" / f"{stage}_{step + 1:06d}.png")
@@ -368,6 +404,105 @@ class Trainer:
 
         return DistributedDataParallel(model, device_ids=[self.world.device] if self.world.device.type == "cuda"
                                        else None)
+
+    # -------------------------------------------------------------------------------------------- the teacher
+
+    def component_files(self) -> CheckpointFiles:
+        """``teacher.components``: the frozen VAE and text encoders the teacher is trained with (and ships with)."""
+        path = self.config.teacher.components
+        if not path:
+            raise ConfigError("teacher.components: no checkpoint given (the VAE and text encoders to train with)")
+        files = index_checkpoint(path)
+        if not files.has("vae") or not (files.has("clip_l") or files.has("clip_g")):
+            raise ConfigError(f"teacher.components: '{path}' must hold a VAE and CLIP text encoders; it holds "
+                              f"{', '.join(files.components) or 'nothing'}")
+        return files
+
+    def teacher_pool(self, files: CheckpointFiles, vae) -> LatentPool:
+        """The teacher's dataset encoded once: latents by ``vae``, captions by the components' text encoders."""
+        from ..flash_core.text import TripleTextEncoder, load_tokenizers
+
+        cfg = self.config.teacher
+        dataset = load_dataset(cfg.dataset, cfg.dataset_size, cfg.image_size, self.config.train.seed)
+        text_encoder = TripleTextEncoder.from_state_dicts(
+            **{slot: component_state_dict(files, slot) if files.has(slot) else None
+               for slot in ("clip_l", "clip_g", "t5")},
+            tokenizers=load_tokenizers(self.config.model.tokenizers or None), device=self.world.device)
+        return LatentPool.build(dataset, vae, text_encoder, progress=self.progress)
+
+    def new_teacher(self) -> MMDiT:
+        """A fresh MM-DiT of ``[teacher]``'s architecture (training init: adaLN-zero), seeded by ``train.seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.train.seed)
+            teacher = MMDiT(teacher_architecture(self.config.teacher))
+        teacher = teacher.to(self.world.device)
+        if self.config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(teacher)
+        return teacher.requires_grad_(True).train()
+
+    def train_teacher(self, resume: bool = False) -> Path:
+        """The teacher stage: rectified flow from scratch on the dataset's VAE latents (TOYWORLD.md "Teacher");
+        the EMA of the weights is saved, with the components' VAE and text encoders, as ``teacher.safetensors``."""
+        cfg = self.config.teacher
+        files = self.component_files()
+        vae = load_vae(component_state_dict(files, "vae"), device=self.world.device)
+        pool = self.teacher_pool(files, vae)
+        teacher = self.new_teacher()
+        model = self._ddp(teacher)
+        optimizer = make_optimizer(teacher.parameters(), cfg.optim)
+        ema = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+        self.preview_model = teacher
+        self.preview_fn = lambda mmdit: self.teacher_preview(mmdit, pool, vae)
+
+        def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
+            loss = self._flow_matching_step(model, pool, generator)
+            values = {"loss": loss.item(), "lr": set_lr(optimizer, cfg.optim, step)}
+            values["grad_norm"] = optimizer_step(model, optimizer, loss, cfg.optim)
+            obj.ema_update(ema, dict(teacher.state_dict()), ema_decay_at(step, cfg.ema_decay))
+            return values
+
+        self._loop("teacher", cfg.iterations, resume, {"teacher": teacher, "ema": ema}, {"teacher": optimizer},
+                   step_fn)
+        self.finish("teacher", {"teacher": teacher})
+        return self.save_output("teacher", ema, cfg.iterations, parts_from=cfg.components, student=False)
+
+    def _flow_matching_step(self, model, pool: LatentPool, generator: torch.Generator) -> torch.Tensor:
+        """The rectified-flow loss ``||v(x_s, s) - (eps - x0)||^2`` on a global batch drawn with ``generator``
+        (logit-normal sigmas, caption dropout to the null prompt, T5 and CLIP dropout), on this rank's slice."""
+        cfg, drop, d = self.config.teacher, self.config.dropout, self.world.device
+        b = cfg.batch_size
+        rows = torch.randint(len(pool), (b,), generator=generator)
+        use_t5 = bool(torch.rand((), generator=generator) >= drop.t5)
+        null = torch.rand(b, generator=generator) < cfg.caption_dropout
+        drop_l = torch.rand(b, generator=generator) < drop.clip_l
+        drop_g = torch.rand(b, generator=generator) < drop.clip_g
+        drop_l &= ~drop_g  # never both: a sample keeps at least one CLIP
+        eps = torch.randn((b, *pool.latents.shape[1:]), generator=generator)
+        sigma = logit_normal_sigmas(b, cfg.logit_normal_mean, cfg.logit_normal_std, generator)
+        captions = torch.where(null, pool.null_index, pool.caption_index[rows])
+        local = self.world.local
+        context, pooled = pool.conditioning_for(local(captions), use_t5, local(drop_l), local(drop_g))
+        v = velocity_fn(model, context.to(d), pooled.to(d), self.config.train.autocast == "bf16")
+        return obj.flow_matching_loss(v, local(pool.latents[rows]).to(d), local(eps).to(d), local(sigma).to(d))
+
+    @torch.no_grad()
+    def teacher_preview(self, mmdit: torch.nn.Module, pool: LatentPool, vae) -> Image.Image:
+        """Teacher samples for the dataset's first captions: ``data.teacher_steps`` Euler steps on the shifted
+        schedule with CFG ``data.teacher_cfg``, fixed seeds (``train.sample_seeds``), T5 on."""
+        from ..flash_core.pipeline import latents_to_images
+
+        d, seeds = self.world.device, self.config.train.sample_seeds
+        rows = pool.caption_index[torch.arange(len(seeds)) % len(pool)]
+        context, pooled = pool.conditioning_for(rows, True)
+        uncond = pool.conditioning_for(torch.full_like(rows, pool.null_index), True)
+        v = velocity_fn(mmdit, context.to(d), pooled.to(d), uncond=tuple(u.to(d) for u in uncond),
+                        cfg=self.config.data.teacher_cfg)
+        sigmas = teacher_sigmas(self.config.data.teacher_steps, self.config.data.shift).to(d)
+        noise = torch.cat([initial_noise(seed, (1, *pool.latents.shape[1:])) for seed in seeds]).to(d)
+        latents = sample_euler(v, noise * sigmas[0], sigmas)
+        return image_grid(latents_to_images(vae.decode(process_out(latents))))
+
+    # -------------------------------------------------------------------------------------------- distillation
 
     def pretrain(self, resume: bool = False) -> Path:
         """Stage A: trajectory guidance (ALGORITHM.md "Stage A")."""
@@ -543,19 +678,21 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- outputs
 
-    def save_output(self, name: str, mmdit, iterations: int, stage: str | None = None) -> Path:
-        """An official-layout checkpoint: the student MM-DiT plus the teacher's VAE and text encoders."""
+    def save_output(self, name: str, mmdit, iterations: int, stage: str | None = None, parts_from: str = "",
+                    student: bool = True) -> Path:
+        """An official-layout checkpoint: the MM-DiT plus the VAE and text encoders of ``parts_from`` (default:
+        the teacher's). A student's metadata carries its grid and sampler mode; a teacher's carries neither."""
         path = self.stage_output(name)
         state = mmdit.state_dict() if isinstance(mmdit, torch.nn.Module) else mmdit
         state = {k: whole(v) for k, v in state.items()}  # gathers FSDP shards: every rank takes part
         if not self.world.main:
             return path
-        teacher = index_checkpoint(self.config.model.teacher)
-        parts = {c: component_state_dict(teacher, c) for c in ("vae", "clip_l", "clip_g", "t5") if teacher.has(c)}
+        source = index_checkpoint(parts_from or self.config.model.teacher)
+        parts = {c: component_state_dict(source, c) for c in ("vae", "clip_l", "clip_g", "t5") if source.has(c)}
         config = getattr(mmdit, "config", None) or MMDiTConfig.from_state_dict(state)
         metadata = FlashMetadata(
-            architecture=config.to_dict(), student_sigmas=self.student_grid(),
-            sampler_mode=self.config.student.sampler_mode, t5=T5_CONVENTION,
+            architecture=config.to_dict(), student_sigmas=self.student_grid() if student else None,
+            sampler_mode=self.config.student.sampler_mode if student else None, t5=T5_CONVENTION,
             training={"stage": stage or name, "iterations": iterations, "config_hash": self.config.hash()})
         return save_checkpoint(path, mmdit={k: v.float() for k, v in state.items()}, metadata=metadata, **parts)
 
@@ -573,10 +710,11 @@ def image_grid(images: list, columns: int | None = None):
 
 def run_stages(config: Config, stage: str = "all", resume: bool = False, progress: bool = True,
                teacher_pipe_factory: Callable | None = None) -> Path:
-    """The headless entry point (CLI and ComfyUI nodes): ``data``, one training stage, or ``all`` in order."""
+    """The headless entry point (CLI and ComfyUI nodes): ``data``, one training stage (``teacher`` included), or
+    ``all``: the data and the distillation stages in order (the teacher is its own stage: it comes first)."""
     from .data import make_teacher_data
 
-    stages = ["data", *STAGES[:-1]] if stage == "all" else [stage]
+    stages = ["data", *DISTILLATION_STAGES] if stage == "all" else [stage]
     world = World.from_env(config)
     result = Path(config.train.out)
     for name in stages:

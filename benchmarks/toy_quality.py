@@ -1,0 +1,49 @@
+"""The toy world's quality table (issue 6 item 4): every row of a toy-world build, at equal model calls.
+
+    python -m sd35_flash.training.toyworld --out toyworld_build            # the build: trains every row
+    python benchmarks/toy_quality.py --build toyworld_build                # this: evaluates, trains nothing
+
+Prints the markdown tables (model, steps, model calls, T5, seeds, FD_T, paired MSE, FD real, accuracy; then accuracy
+per attribute) and writes ``BUILD/quality/table.md``, ``table.json``, one sample grid per row
+(``BUILD/quality/<row>.png``: 8 prompts x 4 noise seeds) and ``real.png``. The teacher's 32-step CFG reference
+samples are cached in ``BUILD/quality/cache/``. See ``sd35_flash/training/toyworld/quality.py`` for the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--build", required=True, help="a toy-world build folder (with build.json)")
+    parser.add_argument("--samples", type=int, default=1000,
+                        help="samples per row: EVAL_PROMPTS repeated, fixed noise (default 1000)")
+    parser.add_argument("--no-grids", action="store_true", help="skip the sample grid PNGs")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no per-row timing lines")
+    args = parser.parse_args(argv)
+    if args.samples < 2:
+        parser.error("--samples must be at least 2 (a Frechet distance needs a covariance)")
+    import torch
+
+    from sd35_flash.training.toyworld.quality import evaluate_build, format_tables
+
+    torch.set_num_threads(args.threads)
+    tic = time.perf_counter()
+    log = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+    try:
+        result = evaluate_build(args.build, args.samples, grids=not args.no_grids, log=log)
+    except FileNotFoundError as e:
+        print(f"toy_quality: error: {e}", file=sys.stderr)
+        return 2
+    print(format_tables(result))
+    log(f"evaluated {len(result['rows'])} rows in {time.perf_counter() - tic:.1f} s; "
+        f"tables and grids in {args.build}/quality/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

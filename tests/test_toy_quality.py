@@ -1,0 +1,175 @@
+"""The toy world's quality table (issue 6 item 4; training/toyworld/quality.py, benchmarks/toy_quality.py).
+
+Fast: the evaluation helpers on a demo-shaped random checkpoint (fixed noise, the product's path, the reference
+cache, the rows, the table's cells). Slow (``pytest -m slow``): a ``ci`` build made here, then the benchmark prints
+every row with finite numbers and writes a grid per row."""
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd35_flash.flash_core.pipeline import latents_to_images
+from sd35_flash.training.toyworld import build, evaluator, quality, world
+
+from factories import write_demo_like_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fake_build(folder: Path, teacher_seed: int = 0) -> Path:
+    """A build folder with what the evaluation reads: a teacher, tokenizers, an evaluator and a variants record
+    (one 4-step student = the teacher file, seeds 2)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_demo_like_checkpoint(folder / "teacher", "teacher.safetensors", seed=teacher_seed)
+    (folder / "tokenizers").mkdir(exist_ok=True)
+    for sub in (folder / "teacher" / "tokenizers").iterdir():
+        target = folder / "tokenizers" / sub.name
+        if not target.exists():
+            sub.rename(target)
+    torch.manual_seed(0)
+    build.save_classifier(folder / "evaluator.safetensors", evaluator.AttributeClassifier(8), 8)
+    t = "teacher/teacher.safetensors"
+    table = {"4": {"pretrain": t, "boundary": 500.0, "dmd": {"shared_next": [t, t], "renoise": [t, t]},
+                   "merged": [t, t], "branches": [[t, t], [t, t]], "seeds": [0, 1], "split_reading": "shared_next"}}
+    record = {"preset": {}, "stages": {"evaluator": {}, "variants": {"teacher": t, "tokenizers": "tokenizers",
+                                                                     "teacher_cfg": 2.0, "table": table}}}
+    (folder / "build.json").write_text(json.dumps(record))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    return fake_build(tmp_path_factory.mktemp("fake_build"))
+
+
+def test_generate_is_the_pipelines_own_sampling(fake):
+    """A chunk of one sample is exactly what ``FlashPipeline.__call__`` makes for that prompt and seed."""
+    pipe = quality.load_pipeline(fake / "teacher" / "teacher.safetensors", fake / "tokenizers")
+    prompt = world.EVAL_PROMPTS[3]
+    ours = latents_to_images(quality.generate(pipe, [prompt], 4, 2.0, chunk=1, noise_seed=7))[0]
+    product = pipe(prompt, steps=4, seed=7, cfg=2.0, width=16, height=16, progress=False)[0]
+    assert ours.tobytes() == product.tobytes()
+
+
+def test_fixed_noise_reproduces_and_pairs_by_chunk(fake):
+    pipe = quality.load_pipeline(fake / "teacher" / "teacher.safetensors", fake / "tokenizers")
+    prompts = evaluator.repeat_prompts(world.EVAL_PROMPTS, 5)
+    a = quality.generate(pipe, prompts, 2, chunk=2)
+    assert torch.equal(a, quality.generate(pipe, prompts, 2, chunk=2))
+    # Sample i's noise depends only on its chunk: the first chunk alone gives the same two images (up to the
+    # round-off of encoding a batch of another size).
+    torch.testing.assert_close(a[:2], quality.generate(pipe, prompts[:2], 2, chunk=2), atol=1e-5, rtol=0)
+    assert not torch.equal(a[:2], a[2:4])  # other chunks, other noise
+    assert a.shape == (5, 3, 16, 16) and a.abs().max() <= 1.0
+
+
+def test_reference_is_cached_and_keyed_by_the_teacher(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "REFERENCE_STEPS", 2)  # the cache, not the sampling, is under test
+    b = fake_build(tmp_path / "b")
+    classifier = build.load_classifier(b / "evaluator.safetensors")
+    first = quality.reference(b, classifier, 6, log=lambda _: None)
+    again = quality.reference(b, classifier, 6, log=lambda _: None)
+    assert not first.cached and again.cached
+    assert torch.equal(first.images, again.images) and torch.equal(first.features, again.features)
+    assert torch.equal(first.real_features, again.real_features) and first.floor == again.floor
+    assert first.images.shape == (6, 3, 16, 16) and first.real_features.shape == (12, evaluator.FEATURE_DIM)
+    assert quality.reference(b, classifier, 7, log=lambda _: None).cached is False  # another sample count
+    write_demo_like_checkpoint(b / "teacher", "teacher.safetensors", seed=5)  # another teacher: made again
+    changed = quality.reference(b, classifier, 6, log=lambda _: None)
+    assert not changed.cached and not torch.equal(changed.images, first.images)
+
+
+def test_rows_cover_the_table_at_equal_model_calls(fake):
+    rows = {r.key: r for r in quality.table_rows(fake)}
+    assert rows["teacher32_cfg"].reference and rows["teacher32_cfg"].calls == 64
+    assert rows["teacher4_cfg"].calls == 8 and rows["teacher4"].calls == 4 and rows["tg4"].calls == 4
+    assert {"dmd4_shared_next", "dmd4_renoise", "merge4", "routed4"} <= set(rows)
+    assert len(rows["dmd4_renoise"].checkpoints) == 2 and rows["routed4"].boundary == 500.0
+    assert all(isinstance(c, tuple) and len(c) == 2 for c in rows["routed4"].checkpoints)
+    off = [k for k in rows if k.endswith("_t5off")]
+    assert set(off) == {"teacher32_cfg_t5off", "teacher4_cfg_t5off", "tg4_t5off", "dmd4_shared_next_t5off",
+                        "merge4_t5off"}
+    assert not any(rows[k].use_t5 for k in off)
+
+
+def test_a_build_without_variants_is_one_sentence(tmp_path):
+    (tmp_path / "build.json").write_text(json.dumps({"stages": {"evaluator": {}}}))
+    with pytest.raises(FileNotFoundError, match="variants"):
+        quality.table_rows(tmp_path)
+
+
+def test_cells_show_the_seed_spread():
+    assert quality._cell([1.0, 2.0, 3.0], ".2f") == "2.00 ± 1.00"
+    assert quality._cell([0.5], ".2f") == "0.50"
+    assert quality._cell([float("nan"), 1.0], ".2f") == "nan"
+
+
+# ------------------------------------------------------------------------------------------------ a ci build
+
+
+@pytest.fixture(scope="module")
+def ci_table(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("toyworld_quality")
+    try:
+        build.build(out, "ci", progress=False, log=lambda _: None)
+        spec = importlib.util.spec_from_file_location("toy_quality", ROOT / "benchmarks" / "toy_quality.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        yield out, bench
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_the_benchmark_prints_every_row_with_finite_numbers(ci_table, capsys):
+    out, bench = ci_table
+    assert bench.main(["--build", str(out), "--samples", "24", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "quality" / "table.json").read_text())
+    rows = quality.table_rows(out)
+    assert [r["key"] for r in result["rows"]] == [r.key for r in rows]
+    for r in result["rows"]:
+        assert r["label"] in printed
+        for name, values in r["metrics"].items():
+            assert all(math.isfinite(v) for v in values), (r["key"], name)
+        assert (out / "quality" / f"{r['key']}.png").exists()
+    by_key = {r["key"]: r for r in result["rows"]}
+    assert by_key["teacher32_cfg"]["metrics"]["fd_t"] == [pytest.approx(0.0, abs=1e-6)]
+    assert by_key["teacher32_cfg"]["metrics"]["paired_mse"] == [0.0]
+    assert by_key["dmd4_shared_next"]["seeds"] == 3 and "±" in printed
+    assert by_key["routed2"]["calls"] == 2 and by_key["teacher2_cfg"]["calls"] == 4
+    assert re.search(r"real-vs-real floor \d", printed)
+    assert (out / "quality" / "real.png").exists() and (out / "quality" / "table.md").read_text() in printed + "\n"
+
+
+@pytest.mark.slow
+def test_the_variant_configs_rerun_with_the_training_cli(ci_table):
+    """Every variant is a TOML config in the build (rerunnable with sd35-flash-train), recorded in build.json."""
+    from sd35_flash.training.config import load_config
+
+    out, _ = ci_table
+    record = json.loads((out / "build.json").read_text())["stages"]["variants"]
+    for steps in ("4", "2"):
+        entry = record["table"][steps]
+        assert set(entry["dmd"]) == {"shared_next", "shared_current", "renoise"}
+        assert all(len(paths) == 3 for paths in entry["dmd"].values()) and len(entry["merged"]) == 3
+        for path in [*sum(entry["dmd"].values(), []), *entry["merged"], *sum(entry["branches"], [])]:
+            assert (out / path).exists(), path
+    config = load_config(out / "students" / "step4" / "variants" / "renoise_s2.toml")
+    assert config.dmd.score_sample == "renoise" and config.train.seed == 2
+    assert config.model.student_init == str(out / "students" / "step4" / "pretrain.safetensors")

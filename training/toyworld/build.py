@@ -1,0 +1,458 @@
+"""Rebuild the toy world from nothing, in one command (issue 6 "Reproduction"; TOYWORLD.md "Budgets"):
+
+``python -m sd35_flash.training.toyworld --preset ci|full --out DIR``
+
+world prompts -> tokenizer -> text encoders -> VAE (trained) -> evaluator classifier (trained) -> teacher (the
+``teacher`` stage of :mod:`sd35_flash.training`) -> teacher data -> students (trajectory guidance at 4 and 2
+steps, then DMD, then split fine-tuning and the merge) -> the demo checkpoint folder.
+
+Every training stage after the evaluator goes through ``training/`` (the :class:`~..trainer.Trainer` and the
+data stage) from TOML configs written into ``DIR`` first, so any of them can be rerun by hand:
+``sd35-flash-train DIR/teacher/teacher.toml --stage teacher``, ``sd35-flash-train DIR/students/step4.toml
+--stage dmd`` ... There is no second code path for distillation.
+
+Outputs (under ``DIR``): ``world/`` (prompts, evaluation prompts, a grid of real scenes), ``tokenizers/``,
+``components.safetensors`` (VAE + text encoders: the teacher's frozen parts), ``evaluator.safetensors``,
+``teacher/``, ``data/``, ``students/step{4,2}/``, ``students/step{4,2}/variants/<reading>_s<seed>/`` (the
+quality table's DMD and split runs, each with its TOML config beside its folder), ``demo/`` (``sd35_flash_demo.safetensors``: the 4-step
+student with its encoders and VAE in the official single-file layout with metadata, ``tokenizers/`` and a sample
+image) and ``build.json`` (each stage's wall time and outputs). ``--resume`` skips the stages ``build.json``
+records as done with the same preset, and resumes interrupted training stages from their saved state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ...flash_core.checkpoint import FlashMetadata, component_state_dict, index_checkpoint, save_checkpoint
+from ..config import config_from_dict, to_toml
+from ..trainer import Trainer, World, image_grid, run_stages
+from . import encoders, evaluator, tokenizer, world
+
+DEMO_NAME = "sd35_flash_demo.safetensors"
+DEMO_PROMPT = "a blue triangle at the top"
+# Stage C's boundary on 1000 * sigma: ALGORITHM.md's 500 splits the 4-step grid {1, .9, .75, .5} 3:1; the 2-step
+# grid {1, .75} lies wholly above it, so its branches split between its two steps.
+SPLIT_BOUNDARY = {4: 500.0, 2: 875.0}
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every budget of one rebuild. The training sections are ``training.config`` tables (TOML keys)."""
+
+    name: str
+    seed: int = 0
+    prompts: int = 1024                 # distinct distillation prompts (one teacher trajectory each)
+    vae: dict = field(default_factory=dict)          # encoders.train_vae keywords
+    classifier: dict = field(default_factory=dict)   # evaluator.train_classifier keywords
+    teacher: dict = field(default_factory=dict)      # [teacher]
+    teacher_dropout: dict = field(default_factory=dict)  # [dropout] of the teacher stage
+    data: dict = field(default_factory=dict)         # [data]
+    train: dict = field(default_factory=dict)        # [train] of the student runs
+    pretrain: dict = field(default_factory=dict)
+    dmd: dict = field(default_factory=dict)
+    split: dict = field(default_factory=dict)
+    student_steps: tuple[int, ...] = (4, 2)          # trajectory guidance for each
+    dmd_steps: tuple[int, ...] = (4, 2)              # then DMD and split + merge for these (the demo's chain)
+    # The quality table's variants (stage ``variants``): for each of ``student_steps``, DMD from the trajectory
+    # guidance student with each ``score_sample`` reading, and split + merge on ``readings[0]`` (the full method),
+    # each trained with ``seeds`` training seeds (seed + 0, + 1, ...; ``--seeds`` overrides).
+    readings: tuple[str, ...] = ("shared_next", "shared_current", "renoise")
+    seeds: int = 3
+
+
+PRESETS = {
+    # The whole chain at unit-test size (TOYWORLD.md "Budgets": check plumbing, not quality): a few minutes.
+    "ci": Preset(
+        name="ci", prompts=8,
+        vae={"iterations": 40, "batch_size": 16},
+        classifier={"iterations": 30, "batch_size": 32, "width": 16},
+        teacher={"iterations": 30, "batch_size": 16, "dataset_size": 256, "depth": 2, "hidden_size": 128,
+                 "pos_embed_max_size": 8, "optim": {"lr": 2e-3, "warmup_steps": 5}},
+        data={"teacher_steps": 8, "teacher_cfg": 2.0, "shard_size": 4},
+        train={"batch_size": 4, "checkpoint_every": 5},
+        pretrain={"iterations": 6, "optim": {"lr": 1e-3}},
+        dmd={"iterations": 3, "fake_updates_per_step": 1, "fake_warmup_steps": 1, "trajectory_weight": 50.0,
+             "optim": {"lr": 1e-4}, "fake_optim": {"lr": 1e-4}},
+        split={"iterations": 2},
+    ),
+    # The rebuild of the demo model and the table (target: under 45 minutes on 2 CPU cores). The teacher keeps
+    # hidden = 64 * depth so ComfyUI's architecture detection (depth = hidden / 64) loads it and its students.
+    "full": Preset(
+        name="full", prompts=1024,
+        vae={"iterations": 400, "batch_size": 32},
+        classifier={"iterations": 400, "batch_size": 128, "width": 32},
+        teacher={"iterations": 1000, "batch_size": 64, "dataset_size": 20000, "depth": 2, "hidden_size": 128,
+                 "pos_embed_max_size": 8, "dual_attention_layers": [0],
+                 "optim": {"lr": 1e-3, "warmup_steps": 100}},
+        teacher_dropout={"t5": 0.5},
+        data={"teacher_steps": 32, "teacher_cfg": 2.0, "shard_size": 128},
+        train={"batch_size": 32, "checkpoint_every": 100, "log_every": 10},
+        pretrain={"iterations": 300, "optim": {"lr": 3e-4}},
+        dmd={"iterations": 150, "fake_updates_per_step": 2, "fake_warmup_steps": 50, "trajectory_weight": 50.0,
+             "real_cfg": 2.0, "normaliser": "per_batch", "optim": {"lr": 1e-5}, "fake_optim": {"lr": 1e-4}},
+        split={"iterations": 100, "objective": "dmd"},
+        dmd_steps=(4,),
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------ the build
+
+
+@dataclass
+class Build:
+    """One rebuild in ``out``: its paths, its preset, and the record of what ran (``build.json``)."""
+
+    out: Path
+    preset: Preset
+    progress: bool = True
+    resume: bool = False
+    record: dict = field(default_factory=dict)
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    @property
+    def record_path(self) -> Path:
+        return self.path("build.json")
+
+    def load_record(self, log: Callable[[str], None] = print) -> None:
+        preset = json.loads(json.dumps(asdict(self.preset)))  # as build.json holds it (tuples as lists)
+        if self.resume and self.record_path.exists():
+            record = json.loads(self.record_path.read_text())
+            old = record.get("preset", {})
+            if old == preset:
+                self.record = record
+            elif {**old, "seeds": preset["seeds"]} == preset:  # only --seeds changed: redo the variants stage
+                log(f"{self.record_path}: made with {old.get('seeds')} seeds; the variants stage runs again "
+                    f"(finished runs are kept)")
+                record["preset"] = preset
+                record.get("stages", {}).pop("variants", None)
+                self.record = record
+            else:
+                log(f"{self.record_path}: made with other settings; rebuilding every stage")
+        self.record.setdefault("preset", preset)
+        self.record.setdefault("stages", {})
+
+    def save_record(self) -> None:
+        self.record_path.write_text(json.dumps(self.record, indent=1, default=str) + "\n")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def distillation_prompts(count: int, seed: int) -> list[str]:
+    """``count`` distinct captions of the toy grammar, in the order a seeded draw of scenes first meets them."""
+    found: dict[str, None] = {}
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(100):
+        found.update(dict.fromkeys(world.sample(4 * count, generator).captions))
+        if len(found) >= count:
+            break
+    return list(found)[:count]
+
+
+# ---------------------------------------------------------------------------------------------- the stages
+
+
+def stage_world(b: Build) -> dict:
+    """The world's prompt files (distillation and evaluation) and a grid of real scenes to look at."""
+    folder = b.path("world")
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = distillation_prompts(b.preset.prompts, b.preset.seed + 7)
+    (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (folder / "eval_prompts.txt").write_text("\n".join(world.EVAL_PROMPTS) + "\n")
+    real = world.sample_for_prompts(list(world.EVAL_PROMPTS), b.preset.seed)
+    from ...flash_core.pipeline import latents_to_images
+
+    image_grid(latents_to_images(real.images), columns=8).resize((8 * 64, 3 * 64), 0).save(folder / "real.png")
+    return {"prompts": len(prompts), "files": ["world/prompts.txt", "world/eval_prompts.txt", "world/real.png"]}
+
+
+def stage_tokenizer(b: Build) -> dict:
+    tokenizer.save_tokenizers(b.path("tokenizers"))
+    return {"vocabulary": tokenizer.vocab_size(), "files": ["tokenizers/clip", "tokenizers/t5xxl"]}
+
+
+def stage_encoders(b: Build) -> dict:
+    """The random, frozen CLIP-L-, CLIP-G- and T5-shaped encoders (encoders.py explains why untrained)."""
+    models = encoders.make_text_encoders(b.preset.seed)
+    save_checkpoint(b.path("encoders.safetensors"),
+                    **{slot: encoders.text_state_dict(m) for slot, m in models.items()})
+    return {"parameters": encoders.parameter_count(models), "files": ["encoders.safetensors"]}
+
+
+def stage_vae(b: Build) -> dict:
+    """Train the one-level SD3 VAE on toy scenes; write it with the encoders as ``components.safetensors``."""
+    vae, log = encoders.train_vae(seed=b.preset.seed, progress=b.progress, **b.preset.vae)
+    _write_csv(b.path("vae_log.csv"), log)
+    text = index_checkpoint(b.path("encoders.safetensors"))
+    parts = {slot: component_state_dict(text, slot) for slot in ("clip_l", "clip_g", "t5")}
+    save_checkpoint(b.path("components.safetensors"), vae=vae, **parts)
+    recon = sum(r["recon"] for r in log[-10:]) / min(10, len(log))
+    return {"recon_mse": recon, "files": ["components.safetensors", "vae_log.csv"]}
+
+
+def save_classifier(path: Path, model: evaluator.AttributeClassifier, width: int) -> Path:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), {"width": str(width)})
+    return path
+
+
+def load_classifier(path: str | Path) -> evaluator.AttributeClassifier:
+    """The evaluator classifier written by the build (its width is in the file's metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        width = int(f.metadata()["width"])
+    model = evaluator.AttributeClassifier(width)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval().requires_grad_(False)
+
+
+def stage_evaluator(b: Build) -> dict:
+    """The attribute classifier (a measuring instrument, never a training loss: TOYWORLD.md "Pitfalls" 4)."""
+    settings = {"width": 32, **b.preset.classifier}
+    model, log = evaluator.train_classifier(seed=b.preset.seed + 11, progress=b.progress, **settings)
+    _write_csv(b.path("evaluator_log.csv"), log)
+    save_classifier(b.path("evaluator.safetensors"), model, settings["width"])
+    held_out = world.sample(512, b.preset.seed + 99)
+    accuracy = evaluator.attribute_accuracy(model.predict(held_out.images), held_out.labels)
+    return {"held_out_accuracy": accuracy, "files": ["evaluator.safetensors", "evaluator_log.csv"]}
+
+
+def teacher_config(b: Build) -> dict:
+    """The teacher stage's config: ``[teacher]`` of the preset on the build's components and tokenizers."""
+    p = b.preset
+    return {
+        "model": {"tokenizers": str(b.path("tokenizers"))},
+        "train": {"out": str(b.path("teacher")), "seed": p.seed, "checkpoint_every": 100, "log_every": 10,
+                  "sample_every": 0},
+        "dropout": p.teacher_dropout,
+        "teacher": {"components": str(b.path("components.safetensors")), **p.teacher},
+        "data": {"width": world.IMAGE_SIZE, "height": world.IMAGE_SIZE, **p.data},
+    }
+
+
+def student_config(b: Build, steps: int, out: Path | None = None, seed: int | None = None,
+                   reading: str | None = None, student_init: Path | None = None) -> dict:
+    """A student run's config (``students/step{steps}``): the build's teacher, shared teacher data. A variant run
+    (the quality table's) names its own ``out`` folder, training ``seed``, DMD ``reading`` (``dmd.score_sample``)
+    and ``student_init`` (the trajectory-guidance student it starts from)."""
+    p = b.preset
+    model = {"teacher": str(b.path("teacher", "teacher.safetensors")), "tokenizers": str(b.path("tokenizers"))}
+    if student_init is not None:
+        model["student_init"] = str(student_init)
+    return {
+        "model": model,
+        "data": {"prompts": str(b.path("world", "prompts.txt")), "dir": str(b.path("data")),
+                 "width": world.IMAGE_SIZE, "height": world.IMAGE_SIZE, "seed": p.seed, **p.data},
+        "student": {"steps": steps},
+        "train": {"out": str(out or b.path("students", f"step{steps}")), **p.train,
+                  "seed": p.seed if seed is None else seed},
+        "pretrain": p.pretrain, "dmd": {**p.dmd, **({"score_sample": reading} if reading else {})},
+        "split": {"boundary": SPLIT_BOUNDARY[steps], **p.split},
+    }
+
+
+def write_config(path: Path, table: dict):
+    """Validate ``table`` as a training config and write it as TOML (what ``sd35-flash-train`` reads)."""
+    config = config_from_dict(table, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_toml(config))
+    return config
+
+
+def stage_teacher(b: Build) -> dict:
+    config = write_config(b.path("teacher", "teacher.toml"), teacher_config(b))
+    Trainer(config, World(), progress=b.progress).run("teacher", resume=b.resume)
+    return {"files": ["teacher/teacher.toml", "teacher/teacher.safetensors", "teacher/log_teacher.csv"]}
+
+
+def stage_teacher_data(b: Build) -> dict:
+    """Teacher trajectories for every prompt (both student grids are stored: one data set serves both)."""
+    configs = {steps: write_config(b.path("students", f"step{steps}.toml"), student_config(b, steps))
+               for steps in b.preset.student_steps}
+    run_stages(configs[b.preset.student_steps[0]], "data", progress=b.progress)
+    return {"files": ["data/manifest.json", *(f"students/step{s}.toml" for s in configs)]}
+
+
+def _student_stage(b: Build, stage: str, steps_list: tuple[int, ...]) -> dict:
+    outputs = []
+    for steps in steps_list:
+        config = write_config(b.path("students", f"step{steps}.toml"), student_config(b, steps))
+        path = Trainer(config, World(), progress=b.progress).run(stage, resume=b.resume)
+        outputs.append(str(path.relative_to(b.out)))
+    return {"files": outputs}
+
+
+def stage_pretrain(b: Build) -> dict:
+    """Stage A, trajectory guidance, for each student step count (ALGORITHM.md "Stage A")."""
+    return _student_stage(b, "pretrain", b.preset.student_steps)
+
+
+def stage_dmd(b: Build) -> dict:
+    """Stage B, DMD with the configured score sample (ALGORITHM.md "Stage B")."""
+    return _student_stage(b, "dmd", b.preset.dmd_steps)
+
+
+def stage_split(b: Build) -> dict:
+    """Stage C, split-timestep fine-tuning and the merge (ALGORITHM.md "Stage C")."""
+    return _student_stage(b, "split", b.preset.dmd_steps)
+
+
+def variant_seeds(p: Preset) -> list[int]:
+    return [p.seed + i for i in range(p.seeds)]
+
+
+def main_reading(p: Preset) -> str:
+    """The ``score_sample`` of the demo's chain (the ``dmd`` and ``split`` stages): the preset's, else the
+    config default."""
+    from ..config import DMDConfig
+
+    return p.dmd.get("score_sample", DMDConfig().score_sample)
+
+
+def variant_runs(b: Build) -> list[dict]:
+    """The quality table's training runs, in the order they train: per step count, per reading, per seed, a DMD
+    run from the trajectory-guidance student (then split + merge for the first reading). The demo chain's own run
+    (``students/step{N}``: main reading, seed ``preset.seed``, DMD steps) is reused rather than trained again."""
+    p = b.preset
+    runs = []
+    for steps in p.student_steps:
+        folder = b.path("students", f"step{steps}")
+        for reading in p.readings:
+            for seed in variant_seeds(p):
+                stages = ["dmd", "split"] if reading == p.readings[0] else ["dmd"]
+                if reading == main_reading(p) and seed == p.seed and steps in p.dmd_steps:
+                    runs.append({"steps": steps, "reading": reading, "seed": seed, "stages": stages,
+                                 "out": folder, "config": b.path("students", f"step{steps}.toml"), "reused": True})
+                    continue
+                out = folder / "variants" / f"{reading}_s{seed}"
+                runs.append({"steps": steps, "reading": reading, "seed": seed, "stages": stages, "out": out,
+                             "config": out.with_suffix(".toml"), "reused": False})
+    return runs
+
+
+def stage_variants(b: Build) -> dict:
+    """The quality table's students (issue 6 item 4), each through ``training/`` from its own TOML config
+    (``students/step{N}/variants/<reading>_s<seed>.toml``, rerun with ``sd35-flash-train CONFIG --stage dmd``):
+    DMD with every ``score_sample`` reading, and split + merge (high and low branches kept for the routed row),
+    for each training seed. Records, per step count, the checkpoints :mod:`.quality` evaluates."""
+    p = b.preset
+    table: dict[str, dict] = {}
+    files: list[str] = []
+    rel = lambda path: str(Path(path).relative_to(b.out))  # noqa: E731
+    for run in variant_runs(b):
+        steps = run["steps"]
+        pretrain = b.path("students", f"step{steps}", "pretrain.safetensors")
+        if not run["reused"]:
+            config = write_config(run["config"], student_config(b, steps, run["out"], run["seed"], run["reading"],
+                                                                pretrain))
+            for stage in run["stages"]:
+                output = run["out"] / ("merged" if stage == "split" else stage)
+                if b.resume and output.with_suffix(".safetensors").exists():
+                    continue  # a finished run of an interrupted variants stage
+                Trainer(config, World(), progress=b.progress).run(stage, resume=b.resume)
+        entry = table.setdefault(str(steps), {"pretrain": rel(pretrain), "boundary": SPLIT_BOUNDARY[steps],
+                                              "dmd": {}, "merged": [], "branches": [], "seeds": variant_seeds(p)})
+        entry["dmd"].setdefault(run["reading"], []).append(rel(run["out"] / "dmd.safetensors"))
+        files += [rel(run["config"]), rel(run["out"] / "dmd.safetensors")]
+        if "split" in run["stages"]:
+            entry["merged"].append(rel(run["out"] / "merged.safetensors"))
+            entry["branches"].append([rel(run["out"] / "branch_high.safetensors"),
+                                      rel(run["out"] / "branch_low.safetensors")])
+            entry["split_reading"] = run["reading"]
+            files.append(rel(run["out"] / "merged.safetensors"))
+    return {"teacher": "teacher/teacher.safetensors", "tokenizers": "tokenizers",
+            "teacher_cfg": float(student_config(b, p.student_steps[0])["data"].get("teacher_cfg", 4.0)),
+            "table": table, "runs": sum(not r["reused"] for r in variant_runs(b)),
+            "files": list(dict.fromkeys(files))}
+
+
+def final_student(b: Build, steps: int = 4) -> Path:
+    """The furthest-trained student of ``steps``: merged, else DMD, else trajectory guidance."""
+    folder = b.path("students", f"step{steps}")
+    for name in ("merged", "dmd", "pretrain"):
+        if (folder / f"{name}.safetensors").exists():
+            return folder / f"{name}.safetensors"
+    raise FileNotFoundError(f"no {steps}-step student in {folder}; run the student stages first")
+
+
+def stage_demo(b: Build) -> dict:
+    """The demo folder: the 4-step student with its encoders and VAE in one official single file (with the
+    student's metadata and the build's provenance), the tokenizer folder, and a sample made through it."""
+    from ...flash_core.pipeline import FlashPipeline
+
+    source = final_student(b, 4)
+    files = index_checkpoint(source)
+    meta = FlashMetadata.from_safetensors(files.metadata, str(source))
+    meta.training = {**(meta.training or {}), "source": str(source.relative_to(b.out)),
+                     "toyworld_preset": b.preset.name, "seed": b.preset.seed}
+    folder = b.path("demo")
+    parts = {c: component_state_dict(files, c) for c in ("mmdit", "vae", "clip_l", "clip_g", "t5") if files.has(c)}
+    path = save_checkpoint(folder / DEMO_NAME, metadata=meta, **parts)
+    shutil.copytree(b.path("tokenizers"), folder / "tokenizers", dirs_exist_ok=True)
+    pipe = FlashPipeline.from_checkpoint(path, tokenizers=folder / "tokenizers", device="cpu", dtype="fp32")
+    image = pipe(DEMO_PROMPT, steps=4, seed=0, width=world.IMAGE_SIZE, height=world.IMAGE_SIZE, progress=False)[0]
+    image.resize((128, 128), 0).save(folder / "sample.png")
+    return {"source": str(source.relative_to(b.out)), "megabytes": round(path.stat().st_size / 2**20, 2),
+            "files": [f"demo/{DEMO_NAME}", "demo/tokenizers", "demo/sample.png"]}
+
+
+STAGES: dict[str, Callable[[Build], dict]] = {
+    "world": stage_world, "tokenizer": stage_tokenizer, "encoders": stage_encoders, "vae": stage_vae,
+    "evaluator": stage_evaluator, "teacher": stage_teacher, "teacher_data": stage_teacher_data,
+    "pretrain": stage_pretrain, "dmd": stage_dmd, "split": stage_split, "variants": stage_variants,
+    "demo": stage_demo,
+}
+
+
+def build(out: str | Path, preset: str | Preset = "ci", progress: bool = True, resume: bool = False,
+          until: str | None = None, log: Callable[[str], None] = print, seeds: int | None = None) -> dict:
+    """Run the stages in order (up to and including ``until``); returns ``build.json``'s record: per stage its
+    wall time in seconds and what it wrote. ``seeds`` overrides the preset's training seeds of the variants."""
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError(f"seeds: expected a positive integer, got {seeds}")
+        preset = replace(preset, seeds=seeds)
+    if until is not None and until not in STAGES:
+        raise ValueError(f"until: '{until}' is not a stage; stages: {', '.join(STAGES)}")
+    b = Build(Path(out), preset, progress, resume)
+    b.out.mkdir(parents=True, exist_ok=True)
+    b.load_record(log)
+    names = list(STAGES)[:list(STAGES).index(until) + 1] if until else list(STAGES)
+    total = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        if name in b.record["stages"]:
+            log(f"[{i}/{len(names)}] {name}: done before ({b.record['stages'][name]['seconds']:.1f} s), skipped")
+            continue
+        log(f"[{i}/{len(names)}] {name} ...")
+        tic = time.perf_counter()
+        result = STAGES[name](b)
+        result["seconds"] = round(time.perf_counter() - tic, 2)
+        b.record["stages"][name] = result
+        b.save_record()
+        log(f"[{i}/{len(names)}] {name}: {result['seconds']:.1f} s")
+    b.record["seconds_this_run"] = round(time.perf_counter() - total, 2)
+    b.save_record()
+    log("wall time per stage: " + ", ".join(f"{n} {r['seconds']:.1f} s" for n, r in b.record["stages"].items())
+        + f"; total this run {b.record['seconds_this_run']:.1f} s")
+    return b.record

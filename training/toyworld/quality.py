@@ -1,0 +1,343 @@
+"""The quality table of issue 6 (item 4; TOYWORLD.md "Metrics that discriminate"): every row a checkpoint made by a
+toy-world build (``build.json``'s ``variants`` stage), sampled through the product's path, measured with the
+build's evaluator.
+
+* **Fixed prompts and noise.** Sample ``i`` has prompt ``EVAL_PROMPTS[i % 24]``; samples are generated in calls of
+  :data:`CHUNK` rows, call ``j`` drawing its noise as ComfyUI and :class:`~...flash_core.pipeline.FlashPipeline` do
+  (one CPU generator seeded ``NOISE_SEED + j`` for the call's whole latent batch). Every row sees the same noise
+  for the same sample, so paired MSE compares like with like and a row reproduces exactly.
+* **The product's path.** Generation is ``FlashPipeline.generate_latents`` (its text encoding, its schedule: the
+  checkpoint's student grid for 2 and 4 steps, the shifted teacher schedule otherwise, its sampler mode, CFG with
+  the empty negative) then its VAE decode. The routed row is the pipeline with the two branches behind
+  :class:`~..split.RoutedMMDiT`.
+* **Metrics, in the order they are read.** FD_T: Frechet distance in the classifier's feature space to the
+  teacher's 32-step CFG samples (T5 on: the distillation target, for every row, T5-off rows included); paired MSE
+  to the teacher's sample from the same noise and prompt (decoded images in [-1, 1]); then FD to real images of the
+  same prompts (``2 x samples`` of them) beside the real-vs-real floor at the same counts, and attribute accuracy
+  against the prompts' labels (all attributes right, and each). Rows trained with several seeds give the mean and
+  the sample standard deviation over seeds.
+* **Cache** (TOYWORLD.md "Pitfalls" 5): the teacher's reference samples, their features, the real features and the
+  floor go to ``DIR/quality/cache/reference_<samples>.safetensors``, keyed by the teacher's and evaluator's bytes
+  and every setting that changes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ...flash_core.pipeline import Conditioning, FlashPipeline, latents_to_images
+from ...flash_core.vae import process_out
+from ..split import load_routed
+from ..trainer import image_grid
+from . import evaluator, world
+
+CHUNK = 96                        # samples per generation call (a ComfyUI batch); call j uses noise seed NOISE_SEED + j
+NOISE_SEED = 0
+REAL_SEED = 1234                  # the real reference set; the floor's second draw uses REAL_SEED + 1
+REFERENCE_STEPS = 32
+GRID_PROMPTS = world.EVAL_PROMPTS[::3]   # 8 prompts: 4 one-object, 4 relations
+GRID_SEEDS = (0, 1, 2, 3)
+GRID_SCALE = 4                    # 16 px -> 64 px cells
+CACHE_FORMAT = "sd35_flash.toy_quality_reference/1"
+METRICS = ("fd_t", "paired_mse", "fd_real", "acc_all")
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+@dataclass
+class Row:
+    """One line of the table: a model (one checkpoint per training seed; a (high, low) pair for the routed row)
+    sampled with ``steps`` and ``cfg``, T5 on or off."""
+
+    key: str
+    label: str
+    steps: int
+    cfg: float
+    use_t5: bool
+    checkpoints: list = field(default_factory=list)
+    boundary: float | None = None     # routed rows: the branches' boundary on 1000 * sigma
+    reference: bool = False           # the teacher's 32-step CFG samples themselves
+
+    @property
+    def calls(self) -> int:
+        """Model forwards per image: steps, doubled by CFG (cond and uncond)."""
+        return self.steps * (2 if self.cfg != 1.0 else 1)
+
+
+def read_record(build_dir: str | Path) -> dict:
+    """``build.json``'s ``variants`` record (the table's checkpoints), with a sentence when it is missing."""
+    path = Path(build_dir) / "build.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no build record; build first: python -m sd35_flash.training.toyworld "
+                                f"--out {build_dir}")
+    record = json.loads(path.read_text())
+    if "variants" not in record.get("stages", {}) or "evaluator" not in record["stages"]:
+        raise FileNotFoundError(f"{path}: the build has no 'variants' stage yet; finish it with "
+                                f"python -m sd35_flash.training.toyworld --out {build_dir} --resume")
+    return record
+
+
+def table_rows(build_dir: str | Path) -> list[Row]:
+    """The table's rows, from the build record: the teacher's reference; then for each student step count the
+    naive teacher at that many steps (with CFG, and without: the same model calls as the student), the
+    trajectory-guidance student, DMD with each ``score_sample`` reading, split + merge, the routed branches; then
+    the headline rows again with T5 off."""
+    b = Path(build_dir)
+    v = read_record(b)["stages"]["variants"]
+    teacher, cfg = b / v["teacher"], float(v["teacher_cfg"])
+    rows = [Row("teacher32_cfg", f"teacher, CFG {cfg:g} (reference)", REFERENCE_STEPS, cfg, True, [teacher],
+                reference=True)]
+    t5_off = [Row("teacher32_cfg_t5off", f"teacher, CFG {cfg:g}", REFERENCE_STEPS, cfg, False, [teacher])]
+    for steps in sorted((int(s) for s in v["table"]), reverse=True):
+        e = v["table"][str(steps)]
+        main = e.get("split_reading", next(iter(e["dmd"])))
+        paths = lambda names: [b / n for n in names]  # noqa: E731
+        naive = Row(f"teacher{steps}_cfg", f"teacher, CFG {cfg:g} (naive)", steps, cfg, True, [teacher])
+        guided = Row(f"tg{steps}", "student: trajectory guidance", steps, 1.0, True, [b / e["pretrain"]])
+        dmd = [Row(f"dmd{steps}_{r}", f"+ DMD {r}", steps, 1.0, True, paths(names))
+               for r, names in e["dmd"].items()]
+        merged = Row(f"merge{steps}", f"+ DMD {main} + split, merged (full method)", steps, 1.0, True,
+                     paths(e["merged"]))
+        routed = Row(f"routed{steps}", f"+ DMD {main} + split, routed (2 checkpoints)", steps, 1.0, True,
+                     [tuple(b / p for p in pair) for pair in e["branches"]], boundary=float(e["boundary"]))
+        rows += [naive, Row(f"teacher{steps}", "teacher, CFG 1 (naive)", steps, 1.0, True, [teacher]), guided,
+                 *dmd, merged, routed]
+        headline = [naive, guided, next(r for r in dmd if r.key.endswith(main)), merged]
+        t5_off += [Row(r.key + "_t5off", r.label, r.steps, r.cfg, False, r.checkpoints) for r in headline]
+    return rows + t5_off
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def load_pipeline(checkpoint, tokenizers: str | Path, boundary: float | None = None) -> FlashPipeline:
+    """The product's pipeline for a checkpoint (CPU, fp32); for a (high, low) pair, the routed two-branch model
+    with the high branch's VAE, encoders and metadata."""
+    if isinstance(checkpoint, (tuple, list)):
+        high, low = checkpoint
+        pipe = FlashPipeline.from_checkpoint(high, tokenizers=tokenizers, device="cpu", dtype="fp32")
+        routed = load_routed(high, low, boundary if boundary is not None else 500.0, dtype=torch.float32).eval()
+        return FlashPipeline(routed, pipe.vae, pipe.text_encoder, pipe.metadata, "cpu",
+                             downscale_factor=pipe.downscale_factor)
+    return FlashPipeline.from_checkpoint(checkpoint, tokenizers=tokenizers, device="cpu", dtype="fp32")
+
+
+@torch.no_grad()
+def generate(pipe: FlashPipeline, prompts: Sequence[str], steps: int, cfg: float = 1.0, use_t5: bool = True,
+             chunk: int = CHUNK, noise_seed: int = NOISE_SEED) -> torch.Tensor:
+    """Decoded images ``[N, 3, 16, 16]`` in [-1, 1] for ``prompts``, call ``j`` (rows ``j*chunk ...``) with noise
+    seed ``noise_seed + j`` (ComfyUI's batch noise), negative prompt empty when ``cfg != 1``."""
+    out = []
+    negative = pipe.encode_prompt([world.NULL_PROMPT], use_t5) if cfg != 1.0 else None
+    unique = list(dict.fromkeys(prompts))  # encode each distinct prompt once (the encoders are deterministic)
+    encoded = pipe.encode_prompt(unique, use_t5)
+    index = torch.tensor([unique.index(p) for p in prompts])
+    for j, start in enumerate(range(0, len(prompts), chunk)):
+        rows = index[start:start + chunk]
+        cond = Conditioning(encoded.context[rows], encoded.pooled[rows])
+        uncond = negative.repeat(len(rows)) if negative is not None else None
+        latents = pipe.generate_latents(cond, seed=noise_seed + j, width=world.IMAGE_SIZE, height=world.IMAGE_SIZE,
+                                        steps=steps, cfg=cfg, uncond=uncond)
+        images = pipe.vae.decode(process_out(latents.float()).to(pipe.vae.dtype))
+        out.append(images.float().clamp(-1.0, 1.0))
+    return torch.cat(out)
+
+
+def sample_grid(pipe: FlashPipeline, steps: int, cfg: float = 1.0, use_t5: bool = True):
+    """8 prompts (columns) x 4 noise seeds (rows), each cell scaled up 4x (nearest): the README's picture of a
+    row."""
+    images = []
+    for seed in GRID_SEEDS:
+        images += latents_to_images(generate(pipe, GRID_PROMPTS, steps, cfg, use_t5, chunk=len(GRID_PROMPTS),
+                                             noise_seed=seed))
+    grid = image_grid(images, columns=len(GRID_PROMPTS))
+    return grid.resize((grid.width * GRID_SCALE, grid.height * GRID_SCALE), 0)
+
+
+def real_grid():
+    """Real scenes for the grid prompts, laid out as :func:`sample_grid` (what the rows should look like)."""
+    images = []
+    for seed in GRID_SEEDS:
+        images += latents_to_images(world.sample_for_prompts(list(GRID_PROMPTS), REAL_SEED + 10 + seed).images)
+    grid = image_grid(images, columns=len(GRID_PROMPTS))
+    return grid.resize((grid.width * GRID_SCALE, grid.height * GRID_SCALE), 0)
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+@dataclass
+class Reference:
+    """The fixed evaluation set: prompts and their labels, the teacher's 32-step CFG samples and features, the
+    real reference features and the real-vs-real floor."""
+
+    prompts: list[str]
+    labels: dict[str, torch.Tensor]
+    images: torch.Tensor
+    features: torch.Tensor
+    real_features: torch.Tensor
+    real_accuracy: dict[str, float]
+    floor: float
+    cached: bool = False
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def reference_key(teacher: Path, classifier_path: Path, samples: int, cfg: float) -> str:
+    """What the cached reference depends on: the teacher's and evaluator's bytes and every sampling setting."""
+    return json.dumps({"format": CACHE_FORMAT, "teacher": _digest(teacher), "evaluator": _digest(classifier_path),
+                       "samples": samples, "cfg": cfg, "steps": REFERENCE_STEPS, "chunk": CHUNK,
+                       "noise_seed": NOISE_SEED, "real_seed": REAL_SEED, "prompts": list(world.EVAL_PROMPTS)},
+                      sort_keys=True)
+
+
+def reference(build_dir: str | Path, classifier: evaluator.AttributeClassifier, samples: int,
+              log: Callable[[str], None] = print) -> Reference:
+    """The reference set of ``samples`` samples, from the cache when its key matches, else made and cached."""
+    b = Path(build_dir)
+    v = read_record(b)["stages"]["variants"]
+    teacher, cfg = b / v["teacher"], float(v["teacher_cfg"])
+    prompts = evaluator.repeat_prompts(world.EVAL_PROMPTS, samples)
+    labels = world.caption_labels(prompts)
+    key = reference_key(teacher, b / "evaluator.safetensors", samples, cfg)
+    path = b / "quality" / "cache" / f"reference_{samples}.safetensors"
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") == key:
+                t = {k: f.get_tensor(k) for k in f.keys()}
+                return Reference(prompts, labels, t["images"], t["features"], t["real_features"],
+                                 json.loads(meta["real_accuracy"]), float(meta["floor"]), cached=True)
+    tic = time.perf_counter()
+    pipe = load_pipeline(teacher, b / v["tokenizers"])
+    images = generate(pipe, prompts, REFERENCE_STEPS, cfg, True)
+    real = world.sample_for_prompts(evaluator.repeat_prompts(world.EVAL_PROMPTS, 2 * samples), REAL_SEED)
+    real_features = classifier.features(real.images)
+    real_accuracy = evaluator.attribute_accuracy(classifier.predict(real.images),
+                                                 world.caption_labels(real.captions))
+    floor = evaluator.real_vs_real_floor(classifier, world.EVAL_PROMPTS, samples, 2 * samples, REAL_SEED + 1)
+    ref = Reference(prompts, labels, images, classifier.features(images), real_features, real_accuracy, floor)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": ref.images.contiguous(), "features": ref.features.contiguous(),
+               "real_features": real_features.contiguous()}, str(path),
+              {"key": key, "floor": repr(floor), "real_accuracy": json.dumps(real_accuracy)})
+    log(f"reference: teacher {REFERENCE_STEPS} steps CFG {cfg:g}, {samples} samples, "
+        f"{time.perf_counter() - tic:.1f} s (cached in {path})")
+    return ref
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def measure(images: torch.Tensor, ref: Reference, classifier: evaluator.AttributeClassifier) -> dict[str, float]:
+    """FD_T and paired MSE against the teacher's reference, FD to real images, attribute accuracy (``acc_<name>``
+    per attribute, ``acc_all``)."""
+    features = classifier.features(images)
+    accuracy = evaluator.attribute_accuracy(classifier.predict(images), ref.labels)
+    return {"fd_t": evaluator.frechet_distance(features, ref.features),
+            "paired_mse": evaluator.paired_mse(images, ref.images),
+            "fd_real": evaluator.frechet_distance(features, ref.real_features),
+            **{f"acc_{k}": v for k, v in accuracy.items()}}
+
+
+def evaluate_row(row: Row, ref: Reference, classifier: evaluator.AttributeClassifier, tokenizers: Path,
+                 grid_path: Path | None = None) -> dict:
+    """The row's metrics for each checkpoint (training seed), and its sample grid from the first one."""
+    per_seed: list[dict[str, float]] = []
+    tic = time.perf_counter()
+    for i, checkpoint in enumerate(row.checkpoints):
+        pipe = None if row.reference and grid_path is None else load_pipeline(checkpoint, tokenizers, row.boundary)
+        images = ref.images if row.reference else generate(pipe, ref.prompts, row.steps, row.cfg, row.use_t5)
+        per_seed.append(measure(images, ref, classifier))
+        if i == 0 and grid_path is not None:
+            grid_path.parent.mkdir(parents=True, exist_ok=True)
+            sample_grid(pipe, row.steps, row.cfg, row.use_t5).save(grid_path)
+    metrics = {k: [m[k] for m in per_seed] for k in per_seed[0]}
+    return {"key": row.key, "label": row.label, "steps": row.steps, "calls": row.calls, "cfg": row.cfg,
+            "t5": row.use_t5, "seeds": len(per_seed), "metrics": metrics,
+            "grid": str(grid_path) if grid_path is not None else None,
+            "seconds": round(time.perf_counter() - tic, 2)}
+
+
+def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = True,
+                   log: Callable[[str], None] = print) -> dict:
+    """Every row of :func:`table_rows` measured on ``samples`` fixed samples; writes ``DIR/quality/table.json``,
+    ``table.md`` and (``grids``) one grid PNG per row plus ``real.png``. Trains nothing."""
+    from .build import load_classifier
+
+    b = Path(build_dir)
+    rows = table_rows(b)
+    tokenizers = b / read_record(b)["stages"]["variants"]["tokenizers"]
+    classifier = load_classifier(b / "evaluator.safetensors")
+    ref = reference(b, classifier, samples, log)
+    folder = b / "quality"
+    if grids:
+        folder.mkdir(parents=True, exist_ok=True)
+        real_grid().save(folder / "real.png")
+    results = []
+    for row in rows:
+        result = evaluate_row(row, ref, classifier, tokenizers, folder / f"{row.key}.png" if grids else None)
+        results.append(result)
+        log(f"{row.key}: {result['seconds']:.1f} s")
+    real = {"fd_real": ref.floor, **{f"acc_{k}": v for k, v in ref.real_accuracy.items()}}
+    out = {"samples": samples, "real_samples": 2 * samples, "floor": ref.floor, "real": real,
+           "reference_cached": ref.cached, "rows": results}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "table.json").write_text(json.dumps(out, indent=1) + "\n")
+    (folder / "table.md").write_text(format_tables(out))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    if any(not math.isfinite(v) for v in values):
+        return "nan"
+    mean, sd = evaluator.spread(values)
+    return f"{mean:{fmt}} ± {sd:{fmt}}" if len(values) > 1 else f"{mean:{fmt}}"
+
+
+def _percent(values: list[float]) -> list[float]:
+    return [100 * v for v in values]
+
+
+def format_tables(result: dict) -> str:
+    """The markdown tables: the main one (FD_T and paired MSE first), then accuracy per attribute."""
+    rows = result["rows"]
+    lines = [f"Toy-world quality: {result['samples']} samples (24 fixed prompts, fixed noise); FD_T and paired MSE "
+             f"against the teacher's {REFERENCE_STEPS}-step CFG samples (T5 on); FD real against "
+             f"{result['real_samples']} real images (real-vs-real floor {result['floor']:.2f}). Mean ± standard "
+             "deviation over training seeds where a row has several (seeds column).", "",
+             "| model | steps | model calls | T5 | seeds | FD_T | paired MSE | FD real | accuracy (all) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"| {r['label']} | {r['steps']} | {r['calls']} | {'on' if r['t5'] else 'off'} | {r['seeds']} | "
+                     f"{_cell(m['fd_t'], '.2f')} | {_cell(m['paired_mse'], '.4f')} | {_cell(m['fd_real'], '.2f')} | "
+                     f"{_cell(_percent(m['acc_all']), '.1f')} % |")
+    real = result["real"]
+    lines.append(f"| real images (a second draw) | | | | | | | {real['fd_real']:.2f} (floor) | "
+                 f"{100 * real['acc_all']:.1f} % |")
+    names = [k[4:] for k in rows[0]["metrics"] if k.startswith("acc_") and k != "acc_all"]
+    lines += ["", "Attribute accuracy (%), per attribute the prompts name:", "",
+              "| model | steps | T5 | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = " | ".join(_cell(_percent(r["metrics"][f"acc_{n}"]), ".1f") for n in names)
+        lines.append(f"| {r['label']} | {r['steps']} | {'on' if r['t5'] else 'off'} | {cells} |")
+    lines.append("| real images | | | " + " | ".join(f"{100 * real.get(f'acc_{n}', float('nan')):.1f}"
+                                                    for n in names) + " |")
+    return "\n".join(lines) + "\n"
