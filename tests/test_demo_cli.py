@@ -3,8 +3,6 @@ sizes from the model (its VAE's pixels per latent, its position table), and the 
 sized for the same run. Fast tests use a demo-shaped random checkpoint; ``-m slow`` builds the real CI demo."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -127,11 +125,8 @@ def test_the_flash_sampler_checks_latents_by_the_vae_factor():
 
 
 @pytest.fixture(scope="module")
-def built_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toyworld")
-    subprocess.run([sys.executable, "-m", "sd35_flash.training.toyworld", "--preset", "ci", "--out", str(out),
-                    "--quiet", "--threads", "1"], check=True, capture_output=True)
-    return out / "demo" / "sd35_flash_demo.safetensors"
+def built_demo(ci_build):
+    return ci_build / "demo" / "sd35_flash_demo.safetensors"
 
 
 @pytest.mark.slow

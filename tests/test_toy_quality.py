@@ -121,16 +121,14 @@ def test_cells_show_the_seed_spread():
 
 
 @pytest.fixture(scope="module")
-def ci_table(tmp_path_factory):
+def ci_table(ci_build):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("toyworld_quality")
     try:
-        build.build(out, "ci", progress=False, log=lambda _: None)
         spec = importlib.util.spec_from_file_location("toy_quality", ROOT / "benchmarks" / "toy_quality.py")
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)
-        yield out, bench
+        yield ci_build, bench
     finally:
         torch.set_num_threads(threads)
 

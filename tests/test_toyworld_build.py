@@ -4,7 +4,6 @@
 import json
 
 import pytest
-import torch
 
 from sd35_flash.flash_core.checkpoint import FlashMetadata, index_checkpoint
 from sd35_flash.flash_core.pipeline import FlashPipeline
@@ -13,16 +12,9 @@ from sd35_flash.training.toyworld import build, world
 from sd35_flash.training.toyworld.__main__ import main
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("toyworld")
-    try:
-        assert main(["--preset", "ci", "--out", str(out), "--quiet"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out
+@pytest.fixture
+def built(ci_build):
+    return ci_build
 
 
 @pytest.mark.slow

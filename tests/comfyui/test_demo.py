@@ -139,26 +139,12 @@ def test_a_small_vocabulary_without_its_tokenizers_is_a_clear_error(demo_folder,
 
 
 @pytest.fixture(scope="module")
-def built_demo(comfy, tmp_path_factory):
-    """The CI-size toy world's demo folder, registered as a checkpoints folder.
-
-    The ci preset's MM-DiT is hidden 64 at depth 2; ComfyUI infers depth = hidden / 64 (COMFYUI.md 4b), so it is
-    built here at hidden 128 (as the full preset: hidden = 64 * depth), everything else the ci preset's."""
-    import dataclasses
-
+def built_demo(comfy, ci_build, tmp_path_factory):
+    """The ci-size toy world's demo folder (tests/conftest.py), registered as a checkpoints folder. The ci preset
+    keeps hidden = 64 * depth, so ComfyUI's detection (depth = hidden / 64, COMFYUI.md 4b) loads it."""
     import folder_paths
 
-    from sd35_flash.training.toyworld.build import PRESETS, build
-
-    ci = PRESETS["ci"]
-    preset = dataclasses.replace(ci, teacher={**ci.teacher, "hidden_size": 64 * ci.teacher["depth"]})
-    out = tmp_path_factory.mktemp("toyworld")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        build(out, preset, progress=False, log=lambda line: None)
-    finally:
-        torch.set_num_threads(threads)
+    out = ci_build
     folder = out / "demo"
     named = tmp_path_factory.mktemp("built") / "demo"  # under another file name than the fast tests' demo
     named.mkdir()
