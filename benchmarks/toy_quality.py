@@ -19,23 +19,26 @@ import time
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", required=True, help="a toy-world build folder (with build.json)")
-    parser.add_argument("--samples", type=int, default=1000,
-                        help="samples per row: EVAL_PROMPTS repeated, fixed noise (default 1000)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples per row: EVAL_PROMPTS repeated, fixed noise (default: the build's own "
+                             "eval_samples, so this prints the table the build wrote)")
     parser.add_argument("--no-grids", action="store_true", help="skip the sample grid PNGs")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no per-row timing lines")
     args = parser.parse_args(argv)
-    if args.samples < 2:
+    if args.samples is not None and args.samples < 2:
         parser.error("--samples must be at least 2 (a Frechet distance needs a covariance)")
     import torch
 
-    from sd35_flash.training.toyworld.quality import evaluate_build, format_tables
+    from sd35_flash.training.toyworld.quality import build_samples, evaluate_build, format_tables
 
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     tic = time.perf_counter()
     log = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
     try:
-        result = evaluate_build(args.build, args.samples, grids=not args.no_grids, log=log)
+        samples = args.samples or build_samples(args.build)
+        result = evaluate_build(args.build, samples, grids=not args.no_grids, log=log)
     except FileNotFoundError as e:
         print(f"toy_quality: error: {e}", file=sys.stderr)
         return 2

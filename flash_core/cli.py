@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--memory", metavar="auto|GiB",
                      help="plan which parts load where to fit this budget (auto: the device's free memory); "
                           "prints the plan and its estimated peak")
+    gen.add_argument("--show-at", type=int, default=None, metavar="PIXELS",
+                     help="enlarge the image (nearest, whole pixels kept sharp) to this width before saving, as "
+                          "an ImageScale node would; default: 128 for images under 64 px wide (the demo model's "
+                          "16 px), else none; 0: never")
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     info = sub.add_parser("info", help="print what a checkpoint holds (reads headers only)")
@@ -141,7 +145,29 @@ def comfyui_graph(args: argparse.Namespace, checkpoint: Path, downscale_factor: 
         width=args.width, height=args.height, cfg=args.cfg, batch=args.batch, use_t5=not args.no_t5,
         dtype=args.dtype, mode=args.mode, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
         quantize=getattr(args, "weights", None) or "none",
-        filename_prefix=args.out.stem, downscale_factor=downscale_factor)
+        filename_prefix=args.out.stem, downscale_factor=downscale_factor, show_at=show_width(args) or None)
+
+
+SHOW_BELOW, SHOW_AT = 64, 128  # images narrower than SHOW_BELOW px are saved enlarged to SHOW_AT px by default
+
+
+def show_width(args: argparse.Namespace) -> int:
+    """The width ``--show-at`` enlarges to (0: none): given, else 128 for images under 64 px wide."""
+    if args.show_at is not None:
+        if args.show_at < 0:
+            raise UsageError(f"--show-at {args.show_at}: expected a width in pixels, or 0 for none")
+        return args.show_at
+    return SHOW_AT if args.width < SHOW_BELOW else 0
+
+
+def enlarge(image, width: int):
+    """Nearest-neighbour enlargement to ``width`` (height in proportion): ComfyUI's ImageScale nearest-exact,
+    which for a whole-number factor repeats every pixel, as here."""
+    from PIL import Image
+
+    if not width or width == image.width:
+        return image
+    return image.resize((width, round(width * image.height / image.width)), Image.Resampling.NEAREST)
 
 
 DEFAULT_SIZE = 1024
@@ -210,7 +236,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   progress=not args.quiet)
     prompt, workflow = comfyui_graph(args, checkpoint, downscale)
     for image, path in zip(images, paths, strict=True):
-        save_png(image, path, {"prompt": prompt, "workflow": workflow})
+        save_png(enlarge(image, show_width(args)), path, {"prompt": prompt, "workflow": workflow})
         print(path)
     return 0
 

@@ -77,11 +77,16 @@ GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 @dataclass
 class Tokenizers:
-    """The tokenizers of the three encoders (transformers tokenizers); ``t5`` is None when not available."""
+    """The tokenizers of the three encoders (transformers tokenizers); ``t5`` is None when not available.
+
+    ``clip_length`` and ``t5_length`` are the token rows' lengths: SD3's 77 and 77 (ComfyUI's), unless a folder read
+    as-is declares its own (:func:`declared_length`: a model trained on shorter rows, like the demo model)."""
 
     clip_l: object
     clip_g: object
     t5: object | None = None
+    clip_length: int = CLIP_LENGTH
+    t5_length: int = T5_DEFAULT_LENGTH
 
 
 def _generic_tokenizer_config(folder: Path) -> dict | None:
@@ -93,6 +98,17 @@ def _generic_tokenizer_config(folder: Path) -> dict | None:
         return None
     generic = isinstance(config, dict) and config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
     return config if generic and (folder / "tokenizer.json").is_file() else None
+
+
+def declared_length(folder, default: int) -> int:
+    """The token-row length a tokenizer folder declares: ``model_max_length`` of a folder read as-is (a
+    project-made vocabulary, e.g. the toy world's, whose model was trained on rows of that length); ``default``
+    (SD3's 77) for CLIP's BPE and T5's Unigram files, whose ``model_max_length`` is the encoder's limit instead."""
+    config = _generic_tokenizer_config(Path(folder))
+    length = config.get("model_max_length") if config is not None else None
+    if not isinstance(length, int) or isinstance(length, bool) or not 2 <= length <= CLIP_LENGTH * 64:
+        return default
+    return length
 
 
 def _is_clip_dir(folder: Path) -> bool:
@@ -238,7 +254,9 @@ def load_tokenizers(path=None) -> Tokenizers:
     clip_l = _load_clip_tokenizer(dirs.clip_l)
     clip_g = clip_l if dirs.clip_g == dirs.clip_l else _load_clip_tokenizer(dirs.clip_g)
     t5 = _load_t5_tokenizer(dirs.t5) if dirs.t5 is not None else None
-    return Tokenizers(clip_l=clip_l, clip_g=clip_g, t5=t5)
+    t5_length = declared_length(dirs.t5, T5_DEFAULT_LENGTH) if dirs.t5 is not None else T5_DEFAULT_LENGTH
+    return Tokenizers(clip_l=clip_l, clip_g=clip_g, t5=t5, clip_length=declared_length(dirs.clip_l, CLIP_LENGTH),
+                      t5_length=t5_length)
 
 
 def _text_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -571,11 +589,12 @@ class TripleTextEncoder(nn.Module):
     """CLIP-L + CLIP-G + optional T5-XXL giving SD3 conditioning (ALGORITHM.md "Text encoders and T5 dropout").
 
     ``encode`` returns float32 ``context`` [B, 77 (+ t5_max_length), 4096] and ``pooled`` [B, 2048] whatever
-    dtype the encoders run in. ``tokenizers`` None: loaded on first use with ``load_tokenizers()``.
+    dtype the encoders run in. ``tokenizers`` None: loaded on first use with ``load_tokenizers()``. The row
+    lengths are the tokenizers' (77 and 77 unless a folder declares others); ``t5_max_length`` overrides T5's.
     """
 
     def __init__(self, clip_l=None, clip_g=None, t5=None, tokenizers: Tokenizers | None = None,
-                 t5_max_length: int = T5_DEFAULT_LENGTH):
+                 t5_max_length: int | None = None):
         super().__init__()
         if clip_l is None and clip_g is None:
             raise CheckpointError("TripleTextEncoder needs CLIP-L and/or CLIP-G (got neither)")
@@ -594,7 +613,7 @@ class TripleTextEncoder(nn.Module):
 
     @classmethod
     def from_state_dicts(cls, clip_l=None, clip_g=None, t5=None, tokenizers: Tokenizers | None = None, dtype=None,
-                         device=None, *, t5_max_length: int = T5_DEFAULT_LENGTH,
+                         device=None, *, t5_max_length: int | None = None,
                          expect_widths: Mapping[str, int] | None = None, t5_quant=None) -> TripleTextEncoder:
         """Build from HF-layout state dicts (None for an absent encoder; at least one CLIP).
 
@@ -621,12 +640,22 @@ class TripleTextEncoder(nn.Module):
             self.tokenizers = load_tokenizers()
         return self.tokenizers
 
+    @property
+    def clip_length(self) -> int:
+        """Tokens in a CLIP row (the CLIP part of the context)."""
+        return self._tokenizers().clip_length
+
+    @property
+    def t5_length(self) -> int:
+        """Tokens in a T5 row: ``t5_max_length`` when given, else the tokenizer's."""
+        return self.t5_max_length or self._tokenizers().t5_length
+
     def tokenize(self, prompts: list[str], use_t5: bool = True) -> dict[str, torch.Tensor]:
-        """{'clip_l': [B, 77], 'clip_g': [B, 77]} plus 't5': [B, t5_max_length] when ``use_t5`` and T5 is loaded."""
+        """{'clip_l': [B, 77], 'clip_g': [B, 77]} plus 't5': [B, t5_length] when ``use_t5`` and T5 is loaded."""
         toks = self._tokenizers()
         out = {
-            "clip_l": tokenize_clip(toks.clip_l, prompts, pad_id=toks.clip_l.eos_token_id),
-            "clip_g": tokenize_clip(toks.clip_g, prompts, pad_id=CLIP_G_PAD_ID),
+            "clip_l": tokenize_clip(toks.clip_l, prompts, pad_id=toks.clip_l.eos_token_id, length=toks.clip_length),
+            "clip_g": tokenize_clip(toks.clip_g, prompts, pad_id=CLIP_G_PAD_ID, length=toks.clip_length),
         }
         if use_t5 and self.has_t5:
             if toks.t5 is None:
@@ -634,7 +663,7 @@ class TripleTextEncoder(nn.Module):
                     "T5 is loaded but no T5 tokenizer (tokenizer.json) was found: put it in a t5xxl/ folder beside "
                     f"the CLIP tokenizer, set {ENV_TOKENIZERS}, pass --tokenizers PATH, or encode with use_t5=False"
                 )
-            out["t5"] = tokenize_t5(toks.t5, prompts, self.t5_max_length)
+            out["t5"] = tokenize_t5(toks.t5, prompts, self.t5_length)
         return out
 
     def _device(self) -> torch.device:

@@ -37,6 +37,7 @@ from ..flash_core.text import (
     T5_DEFAULT_LENGTH,
     TokenizerDirs,
     Tokenizers,
+    declared_length,
     find_tokenizer_dirs,
     infer_clip_config,
     infer_t5_config,
@@ -305,6 +306,8 @@ def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None):
     * T5 (``T5XXLTokenizer``): no start token, prompt + end, padded with the pad id to at least 77, never chunked;
       without a T5 folder ComfyUI's own T5 tokenizer.
 
+    A folder that declares shorter rows (``flash_core.text.declared_length``: the demo model's) gets them here too.
+
     A folder with a ``tokenizer.json`` read as-is (the demo's word-level vocabulary) is read with
     ``PreTrainedTokenizerFast``; CLIP BPE files with ComfyUI's default ``CLIPTokenizer``."""
     import comfy.sd1_clip as sd1_clip
@@ -315,15 +318,17 @@ def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None):
         return PreTrainedTokenizerFast if reads_as_is(folder) else default
 
     t5_pad = t5_pad_id
+    clip_length = declared_length(dirs.clip_l, CLIP_LENGTH)  # the folder's own row lengths (the demo's are short)
+    t5_length = declared_length(dirs.t5, T5_DEFAULT_LENGTH) if dirs.t5 is not None else T5_DEFAULT_LENGTH
 
     class FolderSD3Tokenizer(sd3_clip.SD3Tokenizer):
         def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006 (ComfyUI's signature)
             common = {"embedding_directory": embedding_directory, "tokenizer_data": tokenizer_data}
             self.clip_l = sd1_clip.SDTokenizer(
-                str(dirs.clip_l), max_length=CLIP_LENGTH, pad_with_end=True, embedding_size=768,
+                str(dirs.clip_l), max_length=clip_length, pad_with_end=True, embedding_size=768,
                 embedding_key="clip_l", tokenizer_class=cls_for(dirs.clip_l, CLIPTokenizer), **common)
             self.clip_g = sd1_clip.SDTokenizer(
-                str(dirs.clip_g), max_length=CLIP_LENGTH, pad_with_end=False, pad_token=CLIP_G_PAD_ID,
+                str(dirs.clip_g), max_length=clip_length, pad_with_end=False, pad_token=CLIP_G_PAD_ID,
                 embedding_size=1280, embedding_key="clip_g", tokenizer_class=cls_for(dirs.clip_g, CLIPTokenizer),
                 **common)
             if dirs.t5 is None:
@@ -332,7 +337,7 @@ def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None):
                 self.t5xxl = sd1_clip.SDTokenizer(
                     str(dirs.t5), pad_with_end=False, pad_token=t5_pad, embedding_size=4096, embedding_key="t5xxl",
                     tokenizer_class=cls_for(dirs.t5, T5TokenizerFast), has_start_token=False,
-                    pad_to_max_length=False, max_length=99999999, min_length=T5_DEFAULT_LENGTH, **common)
+                    pad_to_max_length=False, max_length=99999999, min_length=t5_length, **common)
 
     return FolderSD3Tokenizer
 

@@ -79,17 +79,24 @@ def test_sizes_come_from_the_vae_and_the_position_table(demo, tmp_path):
 
 
 def test_generate_defaults_to_the_demo_and_its_size(demo, tmp_path, monkeypatch, no_env_tokenizers):
-    """No --checkpoint, no --tokenizers, no --width: the demo model, its tokenizers and its 16 px."""
+    """No --checkpoint, no --tokenizers, no --width: the demo model, its tokenizers and its 16 px, saved enlarged
+    (nearest) to 128 px as the demo workflow's ImageScale does; --show-at 0 keeps the model's pixels."""
     monkeypatch.setattr(cli, "DEMO_CHECKPOINT", demo)
     out = tmp_path / "out.png"
     assert cli.main(["generate", "--prompt", PROMPT, "--out", str(out), "--quiet"]) == 0
     image = Image.open(out)
-    assert image.size == (16, 16)
+    assert image.size == (128, 128)
     prompt, workflow = json.loads(image.text["prompt"]), json.loads(image.text["workflow"])
     assert check_graph(prompt, workflow) == []
     # ComfyUI's EmptySD3LatentImage divides by 8: 128 makes the 16x16 latent that decodes to 16 px
     assert _nodes(prompt, "EmptySD3LatentImage") == [{"width": 128, "height": 128, "batch_size": 1}]
     assert _nodes(prompt, "SD35FlashCheckpointLoader")[0]["ckpt_name"] == demo.name
+    assert [(n["width"], n["upscale_method"]) for n in _nodes(prompt, "ImageScale")] == [(128, "nearest-exact")]
+    native = tmp_path / "native.png"
+    assert cli.main(["generate", "--prompt", PROMPT, "--out", str(native), "--quiet", "--show-at", "0"]) == 0
+    small = Image.open(native)
+    assert small.size == (16, 16) and _nodes(json.loads(small.text["prompt"]), "ImageScale") == []
+    assert small.resize((128, 128), Image.Resampling.NEAREST).tobytes() == image.convert(small.mode).tobytes()
 
 
 def test_default_size_is_1024_or_the_largest_the_model_makes(tmp_path):
@@ -135,5 +142,5 @@ def test_generate_without_a_checkpoint_uses_the_built_demo(built_demo, tmp_path,
     out = tmp_path / "out.png"
     assert cli.main(["generate", "--prompt", PROMPT, "--out", str(out), "--quiet"]) == 0
     image = Image.open(out)
-    assert image.size == (16, 16)
+    assert image.size == (128, 128)
     assert _nodes(json.loads(image.text["prompt"]), "EmptySD3LatentImage")[0]["width"] == 128

@@ -3,6 +3,7 @@ TOYWORLD.md). Fast by default (a few seconds each, one torch thread); the CI-siz
 
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,6 +220,26 @@ def test_conditioning_is_padded_like_sd35_with_t5_and_without(toy_tokenizers):
     no_t5 = encoders.text_encoder(toy_tokenizers, seed=0, with_t5=False)
     assert not no_t5.has_t5
     torch.testing.assert_close(no_t5.encode(prompts)[0], off_context)
+
+
+def test_a_tokenizer_folder_declares_shorter_rows_and_real_files_keep_77(tmp_path, toy_tokenizers):
+    """The build's tokenizer declares 12-token rows; the same prompts give the same leading tokens and features."""
+    short = load_tokenizers(tokenizer.save_tokenizers(tmp_path / "short", clip_length=12, t5_length=10))
+    assert (short.clip_length, short.t5_length) == (12, 10)
+    assert (toy_tokenizers.clip_length, toy_tokenizers.t5_length) == (77, 77)
+    prompts = [world.EVAL_PROMPTS[0], world.NULL_PROMPT]
+    long_encoder, short_encoder = (encoders.text_encoder(t, seed=0) for t in (toy_tokenizers, short))
+    context, pooled = short_encoder.encode(prompts)
+    assert context.shape == (2, 12 + 10, 4096) and short_encoder.encode(prompts, use_t5=False)[0].shape[1] == 12
+    long_context, long_pooled = long_encoder.encode(prompts)
+    torch.testing.assert_close(pooled, long_pooled)  # causal CLIP: the pooled end token sees only the prompt
+    torch.testing.assert_close(context[:, :12], long_context[:, :12])
+    with pytest.raises(ValueError, match="t5_length"):
+        tokenizer.save_tokenizers(tmp_path / "bad", t5_length=1)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+    if shared.is_dir():  # the real CLIP BPE and T5 files: their model_max_length is not a row length
+        real = load_tokenizers(shared)
+        assert (real.clip_length, real.t5_length) == (77, 77)
 
 
 def test_distinct_prompts_get_distinct_conditioning(toy_tokenizers):

@@ -2,6 +2,7 @@
 ``--preset full``, in well under a minute on one thread. Marked slow: run with ``pytest -m slow``."""
 
 import json
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -62,6 +63,38 @@ def test_resume_skips_finished_stages(built, capsys):
     assert main(["--preset", "ci", "--out", str(built), "--quiet", "--resume"]) == 0
     out = capsys.readouterr().out
     assert out.count("done before") == len(build.STAGES)
+
+
+@pytest.mark.slow
+def test_install_demo_copies_the_demo_with_a_model_card(built, tmp_path, capsys):
+    dest = tmp_path / "demo"
+    assert main(["--preset", "ci", "--out", str(built), "--quiet", "--resume", "--install-demo", str(dest)]) == 0
+    assert f"demo model installed: {dest / build.DEMO_NAME}" in capsys.readouterr().out
+    assert (dest / build.DEMO_NAME).read_bytes() == (built / "demo" / build.DEMO_NAME).read_bytes()
+    assert (dest / "tokenizers" / "clip" / "tokenizer.json").exists() and (dest / "sample.png").exists()
+    card = (dest / "README.md").read_text()
+    assert "--preset ci" in card and "students/step4/merged.safetensors" in card and "FD_T" in card
+    assert not list(dest.rglob(".*.tmp"))
+
+
+def test_resume_reruns_from_the_first_stage_a_changed_setting_feeds(tmp_path):
+    """--resume after editing the preset keeps the stages before the first one the edit feeds."""
+    ci = build.PRESETS["ci"]
+    record = {"preset": json.loads(json.dumps(asdict(ci))), "stages": {s: {"seconds": 1.0} for s in build.STAGES}}
+    (tmp_path / "build.json").write_text(json.dumps(record))
+    lines = []
+    for changes, first in (({"dmd": {**ci.dmd, "iterations": 9}}, "dmd"), ({"seeds": 2}, "variants"),
+                           ({"eval_samples": 24}, "table"), ({"text_length": 16}, "tokenizer"),
+                           ({"workers": 1}, None)):
+        b = build.Build(tmp_path, replace(ci, **changes), resume=True)
+        b.load_record(lines.append)
+        kept = list(build.STAGES)[:list(build.STAGES).index(first)] if first else list(build.STAGES)
+        assert list(b.record["stages"]) == kept, changes
+        assert b.record["preset"] == json.loads(json.dumps(asdict(replace(ci, **changes))))
+    assert "dmd changed; stages from 'dmd' on run again" in lines[0]
+    fresh = build.Build(tmp_path, replace(ci, seeds=2), resume=False)
+    fresh.load_record(lines.append)
+    assert fresh.record["stages"] == {}
 
 
 def test_a_bad_stage_name_is_one_line(tmp_path, capsys):

@@ -305,3 +305,28 @@ def test_csv_log_widens_its_header_when_a_row_brings_new_keys(tmp_path):
     assert list(rows[0]) == ["step", "fake_loss", "generator_loss", "g_norm"]
     assert [r["generator_loss"] for r in rows] == ["", "1.5", ""]
     assert [r["fake_loss"] for r in rows] == ["0.5", "0.4", "0.3"]
+
+
+def test_split_continues_with_dmds_fake_score_or_warms_a_fresh_one_up(root, tmp_path):
+    """After DMD in the same folder the split stage starts from DMD's last fake score and updates the branches at
+    once; with no DMD state its fresh fake score (a copy of the teacher) is warmed up first (TOYWORLD.md
+    "Pitfalls" 1), so a split shorter than the warm-up leaves the branches as they started."""
+    sections = {"dmd": {"iterations": 2, "fake_warmup_steps": 3}, "split": {"iterations": 2}}
+    after_dmd = config_from_dict(base_config(root, train={"out": str(tmp_path / "a")}, **sections))
+    Trainer(after_dmd, World(), progress=False).run("dmd")
+    Trainer(after_dmd, World(), progress=False).run("split")
+    dmd_fake = load_output(tmp_path / "a" / "state" / "dmd", "fake")
+    split_fake = load_output(tmp_path / "a" / "state" / "split", "fake")
+    assert dmd_fake.keys() == split_fake.keys()
+    start = component_state_dict(index_checkpoint(tmp_path / "a" / "dmd.safetensors"), "mmdit")
+    high = component_state_dict(index_checkpoint(tmp_path / "a" / "branch_high.safetensors"), "mmdit")
+    assert any(not torch.equal(start[k], high[k]) for k in start)  # the branches trained from the first step
+
+    init = str(tmp_path / "a" / "dmd.safetensors")
+    fresh = config_from_dict(base_config(root, train={"out": str(tmp_path / "b")},
+                                         model={"student_init": init}, **sections))
+    Trainer(fresh, World(), progress=False).run("split")
+    high = component_state_dict(index_checkpoint(tmp_path / "b" / "branch_high.safetensors"), "mmdit")
+    assert all(torch.equal(start[k], high[k]) for k in start)  # warm-up only: the fake score trained, not them
+    log = (tmp_path / "b" / "log_split.csv").read_text()
+    assert "high_fake" in log.splitlines()[0] and "high_loss" not in log.splitlines()[0]

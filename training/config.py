@@ -49,7 +49,6 @@ class DataConfig:
     shard_size: int = 64
     sample_batch: int = 8              # samples per teacher forward (x2 with CFG); shards do not depend on it
     seed: int = 0
-    t5_max_length: int = 77
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ..flash_core.schedule import (
     sigma_to_timestep,
     teacher_sigmas,
 )
-from ..flash_core.text import CLIP_L_WIDTH, CLIP_LENGTH, CONTEXT_DIM
+from ..flash_core.text import CLIP_L_WIDTH, CONTEXT_DIM
 from ..flash_core.vae import LATENT_CHANNELS
 from .config import Config, ConfigError
 
@@ -137,8 +137,9 @@ def teacher_sample(mmdit, noise: torch.Tensor, cond: tuple, uncond: tuple | None
 def _encode(text_encoder, prompts: list[str], use_t5: bool, widths: tuple[int, int]):
     context, pooled = text_encoder.encode(prompts, use_t5=use_t5)
     clip_width, t5_width, _ = widths
-    clip = context[:, :CLIP_LENGTH, :clip_width]
-    t5 = context[:, CLIP_LENGTH:, :t5_width] if use_t5 else None
+    n = text_encoder.clip_length
+    clip = context[:, :n, :clip_width]
+    t5 = context[:, n:, :t5_width] if use_t5 else None
     return clip, t5, pooled
 
 

@@ -622,6 +622,12 @@ class Trainer:
         optim = self.config.dmd.optim if cfg.objective == "dmd" else self.config.pretrain.optim
         opts = {name: make_optimizer(b.parameters(), optim) for name, b in branches.items()}
         fake = self._fake_score() if cfg.objective == "dmd" else None
+        # DMD's own fake score, already warmed up on the student the branches start from (when this folder ran
+        # DMD); otherwise a fresh copy of the teacher, warmed up here first (TOYWORLD.md "Pitfalls" 1).
+        dmd_states = list_states(self.out / "state" / "dmd") if fake is not None else []
+        if dmd_states:
+            load_state(dmd_states[-1], {"fake": fake}, {})
+        warmup_done = self.config.dmd.fake_warmup_steps if dmd_states else 0
         fake_model = self._ddp(fake) if fake is not None else None
         fake_opt = make_optimizer(fake.parameters(), self.config.dmd.fake_optim) if fake is not None else None
         self.preview_model = RoutedMMDiT(branches["high"], branches["low"], cfg.boundary)
@@ -630,15 +636,19 @@ class Trainer:
             values = {}
             for name, ks in (("high", high_steps), ("low", low_steps)):
                 if cfg.objective == "dmd":
-                    vals, loss = self._dmd_step(models[name], fake_model, fake_opt, generator,
-                                                step + self.config.dmd.fake_warmup_steps, ks)
+                    vals, loss = self._dmd_step(models[name], fake_model, fake_opt, generator, step + warmup_done,
+                                                ks)
                 else:
                     vals, loss = self._trajectory_step(models[name], generator, ks)
+                if loss is None:  # the fresh fake score's warm-up: no branch update yet
+                    values.update({f"{name}_fake": vals["fake"]})
+                    continue
                 set_lr(opts[name], optim, step)
                 optimizer_step(models[name], opts[name], loss, optim)
                 obj.ema_update(emas[name], dict(branches[name].state_dict()), cfg.ema_decay)
                 values.update({f"{name}_{k}": v for k, v in vals.items() if k in ("loss", "fake", "g_abs")})
-            values["loss"] = (values["high_loss"] + values["low_loss"]) / 2
+            if "high_loss" in values:
+                values["loss"] = (values["high_loss"] + values["low_loss"]) / 2
             return values
 
         modules = {"high": branches["high"], "low": branches["low"], "ema_high": emas["high"], "ema_low": emas["low"]}

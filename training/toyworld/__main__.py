@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training seeds of the quality table's variant runs (default: the preset's, 3)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice; TOYWORLD.md: 1-2 on a shared 2-core CPU)")
+    parser.add_argument("--install-demo", nargs="?", const=True, default=None, metavar="DIR",
+                        help="then copy the demo model, its tokenizers, sample and model card into DIR (default: "
+                             "this package's demo/ folder, what `sd35-flash generate` uses with no checkpoint)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
@@ -41,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         build(args.out, args.preset, progress=not args.quiet, resume=args.resume, until=args.until,
-              seeds=args.seeds)
+              seeds=args.seeds, install=args.install_demo)
     except (ConfigError, FlashError, FileNotFoundError, ValueError) as e:
         print(f"toyworld build: error: {one_line(e)}", file=sys.stderr)
         return 2

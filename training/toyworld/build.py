@@ -55,6 +55,9 @@ class Preset:
     name: str
     seed: int = 0
     prompts: int = 1024                 # distinct distillation prompts (one teacher trajectory each)
+    # Token rows of the build's tokenizer (CLIP and T5 each; SD3's are 77): the longest caption is 8 words, and
+    # the MM-DiT's cost grows with every context token (64 image tokens + 2 x 77 text tokens cost 2x 64 + 2 x 12).
+    text_length: int = 12
     vae: dict = field(default_factory=dict)          # encoders.train_vae keywords
     classifier: dict = field(default_factory=dict)   # evaluator.train_classifier keywords
     teacher: dict = field(default_factory=dict)      # [teacher]
@@ -71,6 +74,8 @@ class Preset:
     # each trained with ``seeds`` training seeds (seed + 0, + 1, ...; ``--seeds`` overrides).
     readings: tuple[str, ...] = ("shared_next", "shared_current", "renoise")
     seeds: int = 3
+    workers: int = 2                   # processes (one torch thread each) training the variants side by side
+    eval_samples: int = 480            # samples per row of the quality table (stage ``table``)
 
 
 PRESETS = {
@@ -87,6 +92,7 @@ PRESETS = {
         dmd={"iterations": 3, "fake_updates_per_step": 1, "fake_warmup_steps": 1, "trajectory_weight": 50.0,
              "optim": {"lr": 1e-4}, "fake_optim": {"lr": 1e-4}},
         split={"iterations": 2},
+        eval_samples=48,
     ),
     # The rebuild of the demo model and the table (target: under 45 minutes on 2 CPU cores). The teacher keeps
     # hidden = 64 * depth so ComfyUI's architecture detection (depth = hidden / 64) loads it and its students.
@@ -94,17 +100,17 @@ PRESETS = {
         name="full", prompts=1024,
         vae={"iterations": 400, "batch_size": 32},
         classifier={"iterations": 400, "batch_size": 128, "width": 32},
-        teacher={"iterations": 1000, "batch_size": 64, "dataset_size": 20000, "depth": 2, "hidden_size": 128,
+        teacher={"iterations": 1200, "batch_size": 64, "dataset_size": 20000, "depth": 2, "hidden_size": 128,
                  "pos_embed_max_size": 8, "dual_attention_layers": [0],
                  "optim": {"lr": 1e-3, "warmup_steps": 100}},
         teacher_dropout={"t5": 0.5},
-        data={"teacher_steps": 32, "teacher_cfg": 2.0, "shard_size": 128},
+        data={"teacher_steps": 32, "teacher_cfg": 2.0, "shard_size": 128, "sample_batch": 32},
         train={"batch_size": 32, "checkpoint_every": 100, "log_every": 10},
-        pretrain={"iterations": 300, "optim": {"lr": 3e-4}},
-        dmd={"iterations": 150, "fake_updates_per_step": 2, "fake_warmup_steps": 50, "trajectory_weight": 50.0,
+        pretrain={"iterations": 400, "optim": {"lr": 3e-4}},
+        dmd={"iterations": 60, "fake_updates_per_step": 2, "fake_warmup_steps": 20, "trajectory_weight": 50.0,
              "real_cfg": 2.0, "normaliser": "per_batch", "optim": {"lr": 1e-5}, "fake_optim": {"lr": 1e-4}},
-        split={"iterations": 100, "objective": "dmd"},
-        dmd_steps=(4,),
+        split={"iterations": 30, "objective": "dmd"},
+        dmd_steps=(4,), eval_samples=384,
     ),
 }
 
@@ -130,20 +136,23 @@ class Build:
         return self.path("build.json")
 
     def load_record(self, log: Callable[[str], None] = print) -> None:
+        """``build.json`` when resuming: stages are kept up to the first one whose preset settings
+        (:data:`STAGE_SETTINGS`) changed since; that one and every later one run again."""
         preset = json.loads(json.dumps(asdict(self.preset)))  # as build.json holds it (tuples as lists)
         if self.resume and self.record_path.exists():
             record = json.loads(self.record_path.read_text())
             old = record.get("preset", {})
-            if old == preset:
-                self.record = record
-            elif {**old, "seeds": preset["seeds"]} == preset:  # only --seeds changed: redo the variants stage
-                log(f"{self.record_path}: made with {old.get('seeds')} seeds; the variants stage runs again "
-                    f"(finished runs are kept)")
-                record["preset"] = preset
-                record.get("stages", {}).pop("variants", None)
-                self.record = record
-            else:
-                log(f"{self.record_path}: made with other settings; rebuilding every stage")
+            changed = [k for k in preset if k != "name" and old.get(k) != preset[k]]
+            first = next((i for i, stage in enumerate(STAGES) if set(STAGE_SETTINGS.get(stage, ())) & set(changed)),
+                         None)
+            if first is not None:
+                again = list(STAGES)[first:]
+                log(f"{self.record_path}: {', '.join(changed)} changed; stages from '{again[0]}' on run again")
+                record["stages"] = {k: v for k, v in record.get("stages", {}).items() if k not in again}
+            elif changed:
+                log(f"{self.record_path}: {', '.join(changed)} changed; no recorded stage depends on it")
+            record["preset"] = preset
+            self.record = record
         self.record.setdefault("preset", preset)
         self.record.setdefault("stages", {})
 
@@ -187,8 +196,15 @@ def stage_world(b: Build) -> dict:
 
 
 def stage_tokenizer(b: Build) -> dict:
-    tokenizer.save_tokenizers(b.path("tokenizers"))
-    return {"vocabulary": tokenizer.vocab_size(), "files": ["tokenizers/clip", "tokenizers/t5xxl"]}
+    """The word-level tokenizer, declaring the preset's row lengths (every model of the build uses them)."""
+    longest = max(len(c.split()) for c in world.EVAL_PROMPTS + tuple(b.path("world", "prompts.txt").read_text()
+                                                                      .splitlines()))
+    if b.preset.text_length < longest + 2:
+        raise ValueError(f"text_length: {b.preset.text_length} tokens cannot hold a {longest}-word caption with its "
+                         f"start and end tokens")
+    tokenizer.save_tokenizers(b.path("tokenizers"), clip_length=b.preset.text_length, t5_length=b.preset.text_length)
+    return {"vocabulary": tokenizer.vocab_size(), "text_length": b.preset.text_length,
+            "files": ["tokenizers/clip", "tokenizers/t5xxl"]}
 
 
 def stage_encoders(b: Build) -> dict:
@@ -350,26 +366,66 @@ def variant_runs(b: Build) -> list[dict]:
     return runs
 
 
+def _train_variant(config_path: str, stages: list[str], resume: bool, threads: int) -> float:
+    """One variant run in a worker process (its own torch threads): its stages in order, from its TOML config;
+    a stage whose output exists already is skipped when resuming. Returns the run's wall time in seconds."""
+    from ..config import load_config
+
+    tic = time.perf_counter()
+    torch.set_num_threads(threads)
+    config = load_config(config_path)
+    for stage in stages:
+        output = Path(config.train.out) / ("merged" if stage == "split" else stage)
+        if resume and output.with_suffix(".safetensors").exists():
+            continue  # a finished run of an interrupted variants stage
+        Trainer(config, World(), progress=False).run(stage, resume=resume)
+    return round(time.perf_counter() - tic, 2)
+
+
+def _train_variants(b: Build, runs: list[dict]) -> dict[str, float]:
+    """Train ``runs`` (each written as its TOML config first) on ``preset.workers`` processes of one torch thread
+    each (TOYWORLD.md "Pitfalls" 5: small batches use a second thread poorly); one bar over the runs."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    todo = [r for r in runs if not r["reused"]]
+    for run in todo:
+        pretrain = b.path("students", f"step{run['steps']}", "pretrain.safetensors")
+        write_config(run["config"], student_config(b, run["steps"], run["out"], run["seed"], run["reading"], pretrain))
+    seconds: dict[str, float] = {}
+    name = lambda run: str(Path(run["out"]).relative_to(b.out))  # noqa: E731
+    bar = tqdm(total=len(todo), desc="variants", unit="run", disable=not b.progress)
+    if b.preset.workers <= 1:
+        for run in todo:
+            seconds[name(run)] = _train_variant(str(run["config"]), run["stages"], b.resume, torch.get_num_threads())
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(b.preset.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_variant, str(r["config"]), r["stages"], b.resume, 1): r for r in todo}
+            for future in as_completed(futures):
+                seconds[name(futures[future])] = future.result()
+                bar.update(1)
+    bar.close()
+    return seconds
+
+
 def stage_variants(b: Build) -> dict:
     """The quality table's students (issue 6 item 4), each through ``training/`` from its own TOML config
     (``students/step{N}/variants/<reading>_s<seed>.toml``, rerun with ``sd35-flash-train CONFIG --stage dmd``):
     DMD with every ``score_sample`` reading, and split + merge (high and low branches kept for the routed row),
-    for each training seed. Records, per step count, the checkpoints :mod:`.quality` evaluates."""
+    for each training seed, on ``preset.workers`` processes. Records, per step count, the checkpoints
+    :mod:`.quality` evaluates, and each run's wall time."""
     p = b.preset
     table: dict[str, dict] = {}
     files: list[str] = []
     rel = lambda path: str(Path(path).relative_to(b.out))  # noqa: E731
-    for run in variant_runs(b):
+    runs = variant_runs(b)
+    seconds = _train_variants(b, runs)
+    for run in runs:
         steps = run["steps"]
         pretrain = b.path("students", f"step{steps}", "pretrain.safetensors")
-        if not run["reused"]:
-            config = write_config(run["config"], student_config(b, steps, run["out"], run["seed"], run["reading"],
-                                                                pretrain))
-            for stage in run["stages"]:
-                output = run["out"] / ("merged" if stage == "split" else stage)
-                if b.resume and output.with_suffix(".safetensors").exists():
-                    continue  # a finished run of an interrupted variants stage
-                Trainer(config, World(), progress=b.progress).run(stage, resume=b.resume)
         entry = table.setdefault(str(steps), {"pretrain": rel(pretrain), "boundary": SPLIT_BOUNDARY[steps],
                                               "dmd": {}, "merged": [], "branches": [], "seeds": variant_seeds(p)})
         entry["dmd"].setdefault(run["reading"], []).append(rel(run["out"] / "dmd.safetensors"))
@@ -382,8 +438,20 @@ def stage_variants(b: Build) -> dict:
             files.append(rel(run["out"] / "merged.safetensors"))
     return {"teacher": "teacher/teacher.safetensors", "tokenizers": "tokenizers",
             "teacher_cfg": float(student_config(b, p.student_steps[0])["data"].get("teacher_cfg", 4.0)),
-            "table": table, "runs": sum(not r["reused"] for r in variant_runs(b)),
-            "files": list(dict.fromkeys(files))}
+            "table": table, "runs": sum(not r["reused"] for r in runs), "workers": p.workers,
+            "run_seconds": seconds, "files": list(dict.fromkeys(files))}
+
+
+def stage_table(b: Build) -> dict:
+    """The quality table (:mod:`.quality`, what ``benchmarks/toy_quality.py`` prints) on ``preset.eval_samples``
+    samples a row, with a sample grid per row in ``quality/``."""
+    from .quality import evaluate_build
+
+    result = evaluate_build(b.out, b.preset.eval_samples, grids=True, log=lambda _: None)
+    means = {r["key"]: {m: sum(v) / len(v) for m, v in r["metrics"].items() if m in ("fd_t", "paired_mse")}
+             for r in result["rows"]}
+    return {"samples": result["samples"], "rows": means,
+            "files": ["quality/table.md", "quality/table.json", "quality/real.png"]}
 
 
 def final_student(b: Build, steps: int = 4) -> Path:
@@ -416,18 +484,85 @@ def stage_demo(b: Build) -> dict:
             "files": [f"demo/{DEMO_NAME}", "demo/tokenizers", "demo/sample.png"]}
 
 
+def demo_folder() -> Path:
+    """The package's ``demo/`` folder: where ``sd35-flash generate`` (no ``--checkpoint``) and the ComfyUI pack
+    look for the embedded demo model."""
+    from ...flash_core.cli import DEMO_CHECKPOINT
+
+    return DEMO_CHECKPOINT.parent
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
+
+
+def model_card(b: Build) -> str:
+    """``demo/README.md``: what the demo model is, how it was made and how it measures (when the build has its
+    quality table)."""
+    demo = b.record["stages"]["demo"]
+    stages = b.record["stages"]
+    minutes = sum(r["seconds"] for r in stages.values()) / 60
+    lines = [
+        "# The SD3.5-Flash demo model (toy world)", "",
+        f"A {demo['megabytes']} MB single-file checkpoint in the official layout: a 4-step MM-DiT-X student, its "
+        "tiny CLIP-L / CLIP-G / T5-shaped text encoders, its one-level SD3 VAE, and the word-level tokenizer in "
+        "`tokenizers/`. It draws 16 px scenes of the toy world (`training/toyworld/`): shapes in six colours, "
+        "sizes, positions and relations on textured backgrounds. It exists so the pack runs with no download.", "",
+        f"Made by `python -m sd35_flash.training.toyworld --preset {b.preset.name} --install-demo` "
+        f"(seed {b.preset.seed}; {minutes:.1f} min of stages on a 2-core CPU); the student is "
+        f"`{demo['source']}` of that build. `sample.png`: \"{DEMO_PROMPT}\", 4 steps, seed 0, scaled 8x.", "",
+    ]
+    table = b.path("quality", "table.json")
+    if table.exists():
+        rows = {r["key"]: r for r in json.loads(table.read_text())["rows"]}
+        key = {"merged": "merge4", "dmd": f"dmd4_{main_reading(b.preset)}", "pretrain": "tg4"}[Path(demo["source"]).stem]
+        if key in rows:
+            m = rows[key]["metrics"]
+            mean = lambda k: sum(m[k]) / len(m[k])  # noqa: E731
+            lines += [f"Quality (the README's toy-world table, row `{rows[key]['label']}`, 4 model calls): FD_T "
+                      f"{mean('fd_t'):.2f}, paired MSE {mean('paired_mse'):.4f}, FD to real images "
+                      f"{mean('fd_real'):.2f}, all attributes right {100 * mean('acc_all'):.1f} %.", ""]
+    return "\n".join(lines)
+
+
+def install_demo(b: Build, dest: str | Path | None = None) -> Path:
+    """Copy the build's demo (checkpoint, tokenizers, sample) into ``dest`` (default: :func:`demo_folder`), each
+    file through a temporary name, with a model card; returns the installed checkpoint."""
+    dest = Path(dest) if dest is not None else demo_folder()
+    source = b.path("demo")
+    if "demo" not in b.record.get("stages", {}) or not (source / DEMO_NAME).exists():
+        raise FileNotFoundError(f"{source / DEMO_NAME}: the build has no demo yet; run it through the demo stage")
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        _copy_atomic(path, dest / path.relative_to(source))
+    (dest / "README.md").write_text(model_card(b))
+    return dest / DEMO_NAME
+
+
+# The preset settings each stage's outputs depend on (besides the stages before it): what --resume compares.
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "world": ("seed", "prompts"), "tokenizer": ("text_length",), "vae": ("vae",), "evaluator": ("classifier",),
+    "teacher": ("teacher", "teacher_dropout"), "teacher_data": ("data",),
+    "pretrain": ("train", "pretrain", "student_steps"), "dmd": ("dmd", "dmd_steps"), "split": ("split",),
+    "variants": ("readings", "seeds"), "table": ("eval_samples",),
+}
+
 STAGES: dict[str, Callable[[Build], dict]] = {
     "world": stage_world, "tokenizer": stage_tokenizer, "encoders": stage_encoders, "vae": stage_vae,
     "evaluator": stage_evaluator, "teacher": stage_teacher, "teacher_data": stage_teacher_data,
     "pretrain": stage_pretrain, "dmd": stage_dmd, "split": stage_split, "variants": stage_variants,
-    "demo": stage_demo,
+    "table": stage_table, "demo": stage_demo,
 }
 
 
 def build(out: str | Path, preset: str | Preset = "ci", progress: bool = True, resume: bool = False,
-          until: str | None = None, log: Callable[[str], None] = print, seeds: int | None = None) -> dict:
+          until: str | None = None, log: Callable[[str], None] = print, seeds: int | None = None,
+          install: str | Path | bool | None = None) -> dict:
     """Run the stages in order (up to and including ``until``); returns ``build.json``'s record: per stage its
-    wall time in seconds and what it wrote. ``seeds`` overrides the preset's training seeds of the variants."""
+    wall time in seconds and what it wrote. ``seeds`` overrides the preset's training seeds of the variants.
+    ``install`` (True: the package's ``demo/``; or a folder) copies the finished demo there (:func:`install_demo`)."""
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     if seeds is not None:
         if seeds < 1:
@@ -453,6 +588,9 @@ def build(out: str | Path, preset: str | Preset = "ci", progress: bool = True, r
         log(f"[{i}/{len(names)}] {name}: {result['seconds']:.1f} s")
     b.record["seconds_this_run"] = round(time.perf_counter() - total, 2)
     b.save_record()
+    if install:
+        path = install_demo(b, None if install is True else install)
+        log(f"demo model installed: {path}")
     log("wall time per stage: " + ", ".join(f"{n} {r['seconds']:.1f} s" for n, r in b.record["stages"].items())
         + f"; total this run {b.record['seconds_this_run']:.1f} s")
     return b.record

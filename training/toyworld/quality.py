@@ -88,6 +88,11 @@ def read_record(build_dir: str | Path) -> dict:
     return record
 
 
+def build_samples(build_dir: str | Path, default: int = 480) -> int:
+    """The samples per row a build's own ``table`` stage uses (its preset's ``eval_samples``)."""
+    return int(read_record(build_dir)["preset"].get("eval_samples", default))
+
+
 def table_rows(build_dir: str | Path) -> list[Row]:
     """The table's rows, from the build record: the teacher's reference; then for each student step count the
     naive teacher at that many steps (with CFG, and without: the same model calls as the student), the
@@ -172,6 +177,31 @@ def real_grid():
         images += latents_to_images(world.sample_for_prompts(list(GRID_PROMPTS), REAL_SEED + 10 + seed).images)
     grid = image_grid(images, columns=len(GRID_PROMPTS))
     return grid.resize((grid.width * GRID_SCALE, grid.height * GRID_SCALE), 0)
+
+
+def rows_figure(result: dict, real_path: Path | None = None, label_width: int = 330):
+    """One picture of the whole table: per row (in table order) its grid's first line (the 8 grid prompts, noise
+    seed 0, training seed 0), labelled with the row's label, steps and T5; real scenes of the same prompts on top.
+    What the README shows beside the table."""
+    from PIL import Image, ImageDraw
+
+    strips = []
+    if real_path is not None and Path(real_path).exists():
+        strips.append(("real images (the world itself)", Image.open(real_path).convert("RGB")))
+    for r in result["rows"]:
+        if r.get("grid") and Path(r["grid"]).exists():
+            strips.append((f"{r['label']}, {r['steps']} steps{'' if r['t5'] else ', T5 off'}",
+                           Image.open(r["grid"]).convert("RGB")))
+    if not strips:
+        raise FileNotFoundError("no row grids to draw: evaluate with grids=True first")
+    cell = 16 * GRID_SCALE
+    width = label_width + len(GRID_PROMPTS) * cell
+    figure = Image.new("RGB", (width, cell * len(strips)), "white")
+    draw = ImageDraw.Draw(figure)
+    for i, (label, grid) in enumerate(strips):
+        figure.paste(grid.crop((0, 0, len(GRID_PROMPTS) * cell, cell)), (label_width, i * cell))
+        draw.text((6, i * cell + cell // 2 - 6), label, fill="black")
+    return figure
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -298,6 +328,8 @@ def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = Tru
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "table.json").write_text(json.dumps(out, indent=1) + "\n")
     (folder / "table.md").write_text(format_tables(out))
+    if grids:
+        rows_figure(out, folder / "real.png").save(folder / "rows.png")
     return out
 
 

@@ -29,7 +29,7 @@ from .world import vocabulary
 
 PAD, T5_EOS, UNK, CLIP_BOS, CLIP_EOS = "<pad>", "</s>", "<unk>", "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, T5_EOS, UNK, CLIP_BOS, CLIP_EOS)
-MAX_LENGTH = 77  # CLIP's context; T5 rows are as long as the text encoder's t5_max_length
+MAX_LENGTH = 77  # SD3's row length for CLIP and T5 (the default; a build may declare shorter rows)
 GENERIC_CLASS = "PreTrainedTokenizerFast"  # tokenizer.json read as-is (flash_core.text checks for it)
 
 CLIP_SPECIALS = {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "pad_token": CLIP_EOS, "unk_token": UNK}
@@ -66,14 +66,22 @@ def _write_folder(folder: Path, tokenizer: Tokenizer, specials: dict[str, str], 
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 
 
-def save_tokenizers(folder: str | Path, words: list[str] | None = None, t5_max_length: int = 256) -> Path:
+def save_tokenizers(folder: str | Path, words: list[str] | None = None, clip_length: int = MAX_LENGTH,
+                    t5_length: int = MAX_LENGTH) -> Path:
     """Write ``folder/clip`` and ``folder/t5xxl`` (tokenizer.json + tokenizer_config.json each) and return
     ``folder``: what ``load_tokenizers(folder)`` and ``FlashPipeline.from_checkpoint(..., tokenizers=folder)``
-    accept, and what ``AutoTokenizer.from_pretrained(folder / "clip")`` reads."""
+    accept, and what ``AutoTokenizer.from_pretrained(folder / "clip")`` reads.
+
+    ``clip_length`` and ``t5_length`` are written as each folder's ``model_max_length``: the token-row lengths
+    the text encoders and every model trained on them use (``flash_core.text.declared_length``). SD3's 77 by
+    default; the toy world's captions fit in far fewer, and the MM-DiT's cost grows with every context token."""
     folder = Path(folder)
+    for name, length, least in (("clip_length", clip_length, 2), ("t5_length", t5_length, 2)):
+        if not least <= length <= MAX_LENGTH:
+            raise ValueError(f"{name}: expected {least}..{MAX_LENGTH} tokens, got {length}")
     tokenizer = build_tokenizer(words)
-    _write_folder(folder / "clip", tokenizer, CLIP_SPECIALS, MAX_LENGTH)
-    _write_folder(folder / "t5xxl", tokenizer, T5_SPECIALS, t5_max_length)
+    _write_folder(folder / "clip", tokenizer, CLIP_SPECIALS, clip_length)
+    _write_folder(folder / "t5xxl", tokenizer, T5_SPECIALS, t5_length)
     return folder
 
 
