@@ -49,7 +49,12 @@ def test_the_demo_checkpoint_generates_with_its_tokenizers(built):
     assert all(files.has(c) for c in ("mmdit", "vae", "clip_l", "clip_g", "t5"))
     meta = FlashMetadata.from_safetensors(files.metadata)
     assert meta.student_sigmas == [1.0, 0.9, 0.75, 0.5, 0.0] and meta.training["toyworld_preset"] == "ci"
-    assert meta.training["source"] == "students/step4/merged.safetensors"
+    # the best 4-step student of the build's own quality table (lowest mean FD_T), its first training seed
+    table = json.loads((built / "quality" / "table.json").read_text())
+    students = [r for r in table["rows"] if r["steps"] == 4 and r["t5"] and r["key"].startswith(("tg", "dmd", "merge"))]
+    best = min(students, key=lambda r: sum(r["metrics"]["fd_t"]) / len(r["metrics"]["fd_t"]))
+    assert meta.training["table_row"] == best["key"]
+    assert meta.training["source"].startswith("students/step4/") and (built / meta.training["source"]).exists()
     assert path.stat().st_size < 20 * 2**20
     pipe = FlashPipeline.from_checkpoint(path, tokenizers=built / "demo" / "tokenizers", device="cpu")
     for use_t5 in (True, False):
@@ -73,7 +78,8 @@ def test_install_demo_copies_the_demo_with_a_model_card(built, tmp_path, capsys)
     assert (dest / build.DEMO_NAME).read_bytes() == (built / "demo" / build.DEMO_NAME).read_bytes()
     assert (dest / "tokenizers" / "clip" / "tokenizer.json").exists() and (dest / "sample.png").exists()
     card = (dest / "README.md").read_text()
-    assert "--preset ci" in card and "students/step4/merged.safetensors" in card and "FD_T" in card
+    record = json.loads((built / "build.json").read_text())["stages"]["demo"]
+    assert "--preset ci" in card and f"`{record['source']}`" in card and "FD_T" in card
     assert not list(dest.rglob(".*.tmp"))
 
 
