@@ -343,7 +343,8 @@ def _count_layers(sd, pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def infer_clip_config(sd: Mapping[str, torch.Tensor], slot: str, expect_width: int | None = None) -> CLIPTextConfig:
+def infer_clip_config(sd: Mapping[str, torch.Tensor], slot: str, expect_width: int | None = None,
+                      min_positions: int = CLIP_LENGTH) -> CLIPTextConfig:
     """CLIPTextConfig from an HF-layout CLIP text encoder state dict (``text_model.*``, ``text_projection``).
 
     Heads are hidden / 64 (all CLIP text towers); ``hidden_act`` is quick_gelu for the CLIP-L slot and gelu for
@@ -355,8 +356,9 @@ def infer_clip_config(sd: Mapping[str, torch.Tensor], slot: str, expect_width: i
     _check_width(slot, tok_key, token_emb.shape, hidden, expect_width)
     positions = _require(sd, slot, "text_model.embeddings.position_embedding.weight", 2,
                          "position embedding [positions, hidden]").shape[0]
-    if positions < CLIP_LENGTH:
-        raise CheckpointError(f"{SLOT_NAMES[slot]} ({slot}): {positions} position embeddings, need {CLIP_LENGTH}")
+    if positions < min_positions:
+        raise CheckpointError(f"{SLOT_NAMES[slot]} ({slot}): {positions} position embeddings, need {min_positions} "
+                              "(one per token of a CLIP row)")
     fc1 = _require(sd, slot, "text_model.encoder.layers.0.mlp.fc1.weight", 2, "first MLP [intermediate, hidden]")
     if hidden % CLIP_HEAD_DIM:
         raise CheckpointError(

@@ -224,11 +224,26 @@ def _special_ids(toks: Tokenizers | None) -> dict[str, dict[str, int]] | None:
     return ids
 
 
-def _model_config_overrides(state_dicts, special: dict | None = None) -> dict[str, dict]:
+CLIP_POSITIONS = "text_model.embeddings.position_embedding.weight"
+
+
+def _positions_for_rows(state_dicts: dict, rows: int) -> dict:
+    """The CLIPs' position tables cut to the tokenizer's row length. ComfyUI's CLIP adds its whole table to the
+    token embeddings (comfy/clip_model.py), so its rows must be as long as the table; a model whose tokenizer
+    declares shorter rows (the demo's 12) reads only that many positions anyway, here as in transformers."""
+    out = dict(state_dicts)
+    for slot in ("clip_l", "clip_g"):
+        sd = out.get(slot)
+        if sd is not None and CLIP_POSITIONS in sd and sd[CLIP_POSITIONS].shape[0] > rows:
+            out[slot] = {**sd, CLIP_POSITIONS: sd[CLIP_POSITIONS][:rows]}
+    return out
+
+
+def _model_config_overrides(state_dicts, special: dict | None = None, rows: int = CLIP_LENGTH) -> dict[str, dict]:
     overrides = {}
     for slot, name in (("clip_l", "clip_l"), ("clip_g", "clip_g")):
         if slot in state_dicts:
-            c = infer_clip_config(state_dicts[slot], slot)
+            c = infer_clip_config(state_dicts[slot], slot, min_positions=rows)
             if c.num_hidden_layers < 3:  # SD3 reads the penultimate layer; ComfyUI's CLIP asserts 2 < layers
                 raise CheckpointError(f"{SLOT_NAMES[slot]} ({slot}) has {c.num_hidden_layers} layers; ComfyUI's "
                                       "CLIP needs at least 3 to read SD3's penultimate layer")
@@ -350,6 +365,8 @@ def _build_narrow_clip(state_dicts, options: dict, tokenizers=None):
     dirs = find_tokenizer_dirs(tokenizers) if tokenizers is not None else None
     toks = load_tokenizers(tokenizers) if tokenizers is not None else None
     special = _special_ids(toks)
+    rows = toks.clip_length if toks is not None else CLIP_LENGTH
+    state_dicts = _positions_for_rows(state_dicts, rows)
 
     class Target:
         params: dict = {}
@@ -359,7 +376,7 @@ def _build_narrow_clip(state_dicts, options: dict, tokenizers=None):
                                 _projection_shape(state_dicts.get("clip_g")))
 
     parameters = sum(comfy.utils.calculate_parameters(sd) for sd in state_dicts.values())
-    overrides = _model_config_overrides(state_dicts, special)
+    overrides = _model_config_overrides(state_dicts, special, rows)
     clip = comfy.sd.CLIP(Target, parameters=parameters, model_options={**options, **overrides})
     modules = {"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl"}
     for slot, sd in state_dicts.items():

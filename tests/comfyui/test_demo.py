@@ -8,6 +8,7 @@ builds the CI-size toy world and checks the trained demo.
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,7 +57,9 @@ def check_conditioning(clip, checkpoint, use_t5: bool) -> None:
         with torch.inference_mode():
             ((context, extra),) = comfy_nodes.CLIPTextEncode().encode(clip, prompt)[0]
         ref_context, ref_pooled = pipe.text_encoder.encode([prompt], use_t5=use_t5)
-        assert context.shape == ref_context.shape == (1, 154 if use_t5 else 77, 4096), prompt
+        enc = pipe.text_encoder  # the rows its tokenizer folder declares: 77 + 77 here, 12 + 12 for a toy build
+        tokens = enc.clip_length + (enc.t5_length if use_t5 else 0)
+        assert context.shape == ref_context.shape == (1, tokens, 4096), prompt
         torch.testing.assert_close(context, ref_context, atol=1e-4, rtol=1e-4, msg=f"context of {prompt!r}")
         torch.testing.assert_close(extra["pooled_output"], ref_pooled, atol=1e-4, rtol=1e-4,
                                    msg=f"pooled of {prompt!r}")
@@ -81,9 +84,11 @@ def comfy_image(ckpt_name: str, prompt: str, seed: int, t5: str = "auto", steps:
 
 
 def cli_image(checkpoint, prompt: str, seed: int, out, no_t5: bool = False, steps: int = 4) -> np.ndarray:
-    """``sd35-flash generate`` with no --tokenizers and no size: the tokenizers beside the file, 16 px."""
+    """``sd35-flash generate`` with no --tokenizers and no size: the tokenizers beside the file, 16 px (kept, not
+    enlarged: ``--show-at 0``)."""
     args = ["generate", "-c", str(checkpoint), "-p", prompt, "-o", str(out), "--seed", str(seed),
-            "--steps", str(steps), "--dtype", "fp32", "--device", "cpu", "--quiet"] + (["--no-t5"] if no_t5 else [])
+            "--steps", str(steps), "--dtype", "fp32", "--device", "cpu", "--quiet", "--show-at", "0"]
+    args += ["--no-t5"] if no_t5 else []
     assert cli.main(args) == 0
     return np.asarray(Image.open(out).convert("RGB"))
 
@@ -162,15 +167,47 @@ def test_the_built_demo_conditioning_matches(built_demo, monkeypatch):
         check_conditioning(clip, built_demo, use_t5=t5 == "auto")
 
 
+def assert_graph_makes_the_cli_image(checkpoint, out, t5: str, label: str) -> None:
+    prompt = "a blue triangle at the top"
+    ours = comfy_image(checkpoint.name, prompt, seed=0, t5=t5)
+    theirs = cli_image(checkpoint, prompt, seed=0, out=out, no_t5=t5 == "off")
+    value = psnr(ours, theirs)
+    print(f"{label} (t5 {t5}), ComfyUI vs CLI: PSNR {value:.1f} dB")
+    assert ours.shape == theirs.shape == (16, 16, 3)
+    assert ours.std() > 2
+    assert value >= 40.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("t5", ["auto", "off"])
 def test_the_built_demo_makes_the_cli_image(built_demo, tmp_path, monkeypatch, t5):
     monkeypatch.delenv("SD35_FLASH_TOKENIZERS", raising=False)
-    prompt = "a blue triangle at the top"
-    ours = comfy_image(built_demo.name, prompt, seed=0, t5=t5)
-    theirs = cli_image(built_demo, prompt, seed=0, out=tmp_path / "cli.png", no_t5=t5 == "off")
-    value = psnr(ours, theirs)
-    print(f"built demo (t5 {t5}), ComfyUI vs CLI: PSNR {value:.1f} dB")
-    assert ours.shape == theirs.shape == (16, 16, 3)
-    assert ours.std() > 2
-    assert value >= 40.0
+    assert_graph_makes_the_cli_image(built_demo, tmp_path / "cli.png", t5, "built demo")
+
+
+# ----------------------------------------------------------------------------------------------- the shipped demo
+
+SHIPPED = Path(__file__).resolve().parents[2] / "demo" / DEMO
+
+
+@pytest.fixture(scope="module")
+def shipped_demo(comfy, tmp_path_factory):
+    """The pack's own demo/ model (12-token text rows), under another file name than the fast tests' demo."""
+    import folder_paths
+
+    if not SHIPPED.exists():
+        pytest.skip(f"no demo model at {SHIPPED}")
+    named = tmp_path_factory.mktemp("shipped") / "demo"
+    named.mkdir()
+    shutil.copy(SHIPPED, named / "shipped_demo.safetensors")
+    shutil.copytree(SHIPPED.parent / "tokenizers", named / "tokenizers")
+    folder_paths.add_model_folder_path("checkpoints", str(named))
+    return named / "shipped_demo.safetensors"
+
+
+@pytest.mark.parametrize("t5", ["auto", "off"])
+def test_the_shipped_demo_conditions_and_draws_as_the_cli(shipped_demo, tmp_path, monkeypatch, t5):
+    monkeypatch.delenv("SD35_FLASH_TOKENIZERS", raising=False)
+    _, clip, _ = flash_loader().load(shipped_demo.name, t5, "fp32")
+    check_conditioning(clip, shipped_demo, use_t5=t5 == "auto")
+    assert_graph_makes_the_cli_image(shipped_demo, tmp_path / "cli.png", t5, "shipped demo")
