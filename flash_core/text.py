@@ -590,7 +590,7 @@ def assemble_conditioning(l_out, g_out, t5_out, batch: int, device=None) -> tupl
 class TripleTextEncoder(nn.Module):
     """CLIP-L + CLIP-G + optional T5-XXL giving SD3 conditioning (ALGORITHM.md "Text encoders and T5 dropout").
 
-    ``encode`` returns float32 ``context`` [B, 77 (+ t5_max_length), 4096] and ``pooled`` [B, 2048] whatever
+    ``encode`` returns float32 ``context`` [B, 77 (+ 77 T5), 4096] and ``pooled`` [B, 2048] whatever
     dtype the encoders run in. ``tokenizers`` None: loaded on first use with ``load_tokenizers()``. The row
     lengths are the tokenizers' (77 and 77 unless a folder declares others); ``t5_max_length`` overrides T5's.
     """
@@ -653,7 +653,8 @@ class TripleTextEncoder(nn.Module):
         return self.t5_max_length or self._tokenizers().t5_length
 
     def tokenize(self, prompts: list[str], use_t5: bool = True) -> dict[str, torch.Tensor]:
-        """{'clip_l': [B, 77], 'clip_g': [B, 77]} plus 't5': [B, t5_length] when ``use_t5`` and T5 is loaded."""
+        """{'clip_l': [B, clip_length], 'clip_g': [B, clip_length]} plus 't5': [B, t5_length] when ``use_t5`` and
+        T5 is loaded (77 each unless the tokenizer folder declares shorter rows)."""
         toks = self._tokenizers()
         out = {
             "clip_l": tokenize_clip(toks.clip_l, prompts, pad_id=toks.clip_l.eos_token_id, length=toks.clip_length),

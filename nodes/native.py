@@ -37,7 +37,6 @@ from ..flash_core.text import (
     T5_DEFAULT_LENGTH,
     TokenizerDirs,
     Tokenizers,
-    declared_length,
     find_tokenizer_dirs,
     infer_clip_config,
     infer_t5_config,
@@ -312,7 +311,8 @@ def _padded_sd3_clip(clip_l: bool, clip_g: bool, t5: bool, special: dict | None 
     return PaddedSD3ClipModel
 
 
-def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None):
+def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None, clip_length: int = CLIP_LENGTH,
+                     t5_length: int = T5_DEFAULT_LENGTH):
     """An SD3 tokenizer class for ``comfy.sd.CLIP`` made of ComfyUI's own ``SDTokenizer`` pointed at a tokenizer
     folder, set as ``SD3Tokenizer`` sets its three (so a prompt gives the ids ``flash_core.text`` gives):
 
@@ -321,7 +321,7 @@ def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None):
     * T5 (``T5XXLTokenizer``): no start token, prompt + end, padded with the pad id to at least 77, never chunked;
       without a T5 folder ComfyUI's own T5 tokenizer.
 
-    A folder that declares shorter rows (``flash_core.text.declared_length``: the demo model's) gets them here too.
+    ``clip_length`` / ``t5_length``: the rows the folder declares (``Tokenizers.clip_length``; the demo's 12).
 
     A folder with a ``tokenizer.json`` read as-is (the demo's word-level vocabulary) is read with
     ``PreTrainedTokenizerFast``; CLIP BPE files with ComfyUI's default ``CLIPTokenizer``."""
@@ -333,8 +333,6 @@ def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None):
         return PreTrainedTokenizerFast if reads_as_is(folder) else default
 
     t5_pad = t5_pad_id
-    clip_length = declared_length(dirs.clip_l, CLIP_LENGTH)  # the folder's own row lengths (the demo's are short)
-    t5_length = declared_length(dirs.t5, T5_DEFAULT_LENGTH) if dirs.t5 is not None else T5_DEFAULT_LENGTH
 
     class FolderSD3Tokenizer(sd3_clip.SD3Tokenizer):
         def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006 (ComfyUI's signature)
@@ -371,7 +369,7 @@ def _build_narrow_clip(state_dicts, options: dict, tokenizers=None):
     class Target:
         params: dict = {}
         tokenizer = sd3_clip.SD3Tokenizer if dirs is None else folder_tokenizer(
-            dirs, toks.t5.pad_token_id if toks.t5 is not None else None)
+            dirs, toks.t5.pad_token_id if toks.t5 is not None else None, toks.clip_length, toks.t5_length)
         clip = _padded_sd3_clip("clip_l" in state_dicts, "clip_g" in state_dicts, "t5" in state_dicts, special,
                                 _projection_shape(state_dicts.get("clip_g")))
 

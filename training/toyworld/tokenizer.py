@@ -76,9 +76,9 @@ def save_tokenizers(folder: str | Path, words: list[str] | None = None, clip_len
     the text encoders and every model trained on them use (``flash_core.text.declared_length``). SD3's 77 by
     default; the toy world's captions fit in far fewer, and the MM-DiT's cost grows with every context token."""
     folder = Path(folder)
-    for name, length, least in (("clip_length", clip_length, 2), ("t5_length", t5_length, 2)):
-        if not least <= length <= MAX_LENGTH:
-            raise ValueError(f"{name}: expected {least}..{MAX_LENGTH} tokens, got {length}")
+    for name, length in (("clip_length", clip_length), ("t5_length", t5_length)):
+        if not 2 <= length <= MAX_LENGTH:  # a row holds at least the end token and one more
+            raise ValueError(f"{name}: expected 2..{MAX_LENGTH} tokens, got {length}")
     tokenizer = build_tokenizer(words)
     _write_folder(folder / "clip", tokenizer, CLIP_SPECIALS, clip_length)
     _write_folder(folder / "t5xxl", tokenizer, T5_SPECIALS, t5_length)
