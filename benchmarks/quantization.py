@@ -15,7 +15,8 @@ Three tables:
 The benchmark model keeps SD3.5 Medium's proportions at about 1/8 of its parameters (MM-DiT 0.33 B, T5 0.62 B,
 CLIP-G 0.10 B, CLIP-L 0.03 B) with random weights (N(0, 1/fan_in) Linears, nothing zero-initialised, so
 every layer moves the output). Random Gaussian weights have none of the outliers of trained ones: expect real
-checkpoints to show larger errors at 4 and 6 bits.
+checkpoints to show larger errors at 4 and 6 bits. The generation runs tokenize with the CLIP BPE and T5
+SentencePiece files the tests make (tests/tokenizer_factories.py), written into the work folder.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from sd35_flash.flash_core import quant
-from sd35_flash.flash_core.checkpoint import load_mmdit, save_checkpoint
-from sd35_flash.flash_core.mmdit import MMDiT, MMDiTConfig
-from sd35_flash.flash_core.vae import SD3VAE, VAEConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+from sd35_flash.flash_core import quant  # noqa: E402
+from sd35_flash.flash_core.checkpoint import load_mmdit, save_checkpoint  # noqa: E402
+from sd35_flash.flash_core.mmdit import MMDiT, MMDiTConfig  # noqa: E402
+from sd35_flash.flash_core.vae import SD3VAE, VAEConfig  # noqa: E402
+
+from tokenizer_factories import write_tokenizers  # noqa: E402
+
 BENCH_MMDIT = MMDiTConfig(depth=8, hidden_size=1024, pos_embed_max_size=64, dual_attention_layers=(0, 1, 2, 3))
 SIZE = 256           # image side for the velocity / speed inputs and the generation runs
 TEXT_TOKENS = 77 + 256
@@ -226,10 +230,10 @@ def quantized_files(checkpoint: Path, work: Path) -> dict[str, Path]:
     return files
 
 
-def run_tier(checkpoint: Path, extra: list[str], out: Path) -> tuple[int, float]:
+def run_tier(checkpoint: Path, extra: list[str], out: Path, tokenizers: Path) -> tuple[int, float]:
     args = [sys.executable, "-c", RSS_SCRIPT, "generate", "--checkpoint", str(checkpoint), "--prompt",
             "a red circle at the top left", "--width", str(SIZE), "--height", str(SIZE), "--steps", "4",
-            "--dtype", "bf16", "--device", "cpu", "--tokenizers", str(TOKENIZERS), "-q", "--out", str(out), *extra]
+            "--dtype", "bf16", "--device", "cpu", "--tokenizers", str(tokenizers), "-q", "--out", str(out), *extra]
     start = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
@@ -241,10 +245,11 @@ def run_tier(checkpoint: Path, extra: list[str], out: Path) -> tuple[int, float]
 
 def table_rss(checkpoint: Path, work: Path) -> list[str]:
     files = quantized_files(checkpoint, work)
+    tokenizers = write_tokenizers(work / "tokenizer_files")
     rows = ["| tier | checkpoint | peak RSS | / 16-bit + T5 | wall time |", "|---|---|---|---|---|"]
     base = None
     for name, key, extra in TIERS:
-        rss, seconds = run_tier(files[key], extra, work / "tier.png")
+        rss, seconds = run_tier(files[key], extra, work / "tier.png", tokenizers)
         base = base or rss
         rows.append(f"| {name} | {files[key].name} ({files[key].stat().st_size / 2**30:.2f} GiB) | "
                     f"{rss / 2**30:.2f} GiB | {rss / base:.2f} | {seconds:.0f} s |")

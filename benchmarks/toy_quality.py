@@ -15,6 +15,8 @@ import argparse
 import sys
 import time
 
+from sd35_flash.flash_core.threads import AUTO, parse_threads, set_threads
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -23,22 +25,20 @@ def main(argv=None) -> int:
                         help="samples per row: EVAL_PROMPTS repeated, fixed noise (default: the build's own "
                              "eval_samples, so this prints the table the build wrote)")
     parser.add_argument("--no-grids", action="store_true", help="skip the sample grid PNGs")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=parse_threads, default=AUTO, metavar="auto|N",
+                        help="torch CPU threads (default auto: sd35_flash.flash_core.threads.auto_threads)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no per-row timing lines")
     args = parser.parse_args(argv)
     if args.samples is not None and args.samples < 2:
         parser.error("--samples must be at least 2 (a Frechet distance needs a covariance)")
-    import torch
-
     from sd35_flash.training.toyworld.quality import build_samples, evaluate_build, format_tables
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     tic = time.perf_counter()
     log = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
     try:
         samples = args.samples or build_samples(args.build)
-        result = evaluate_build(args.build, samples, grids=not args.no_grids, log=log)
+        result = evaluate_build(args.build, samples, grids=not args.no_grids, log=log, progress=not args.quiet)
     except FileNotFoundError as e:
         print(f"toy_quality: error: {e}", file=sys.stderr)
         return 2

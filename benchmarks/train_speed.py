@@ -23,7 +23,8 @@ from sd35_flash.flash_core.mmdit import MMDiT, MMDiTConfig, count_parameters  # 
 from sd35_flash.training.config import config_from_dict  # noqa: E402
 from sd35_flash.training.trainer import run_stages  # noqa: E402
 
-from factories import TOKENIZERS, text_state_dict, tiny_clip_g, tiny_clip_l, tiny_t5, tiny_vae  # noqa: E402
+from factories import text_state_dict, tiny_clip_g, tiny_clip_l, tiny_t5, tiny_vae  # noqa: E402
+from tokenizer_factories import write_tokenizers  # noqa: E402
 
 
 def main() -> None:
@@ -43,9 +44,10 @@ def main() -> None:
     save_checkpoint(root / "teacher.safetensors", mmdit=mmdit, vae=tiny_vae(), clip_l=text_state_dict(tiny_clip_l()),
                     clip_g=text_state_dict(tiny_clip_g()), t5=text_state_dict(tiny_t5()))
     (root / "prompts.txt").write_text("a red circle\na blue square\na green triangle\na grey star\n")
+    tokenizers = write_tokenizers(root / "tokenizer_files")  # CLIP BPE + T5 SentencePiece, made as the tests do
     it = args.iterations
     run = config_from_dict({
-        "model": {"teacher": str(root / "teacher.safetensors"), "tokenizers": str(TOKENIZERS)},
+        "model": {"teacher": str(root / "teacher.safetensors"), "tokenizers": str(tokenizers)},
         "data": {"prompts": str(root / "prompts.txt"), "samples_per_prompt": 2, "teacher_steps": 8,
                  "width": args.size, "height": args.size},
         "train": {"out": str(root / "run"), "batch_size": args.batch, "log_every": 1, "checkpoint_every": 10**6},

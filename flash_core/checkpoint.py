@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_write
 from .errors import CheckpointError
 from .keymaps import mmdit as mmdit_keys
 from .keymaps import vae as vae_keys
@@ -568,18 +569,21 @@ class FlashMetadata:
 
 def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                 metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a safetensors file through a temporary file and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(_unshared(tensors), tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a safetensors file through a temporary file and a rename (:func:`atomic.atomic_write`): never
+    half-written, the umask's permissions; a failed write is an ``OutputError`` naming ``path``."""
+    tensors, metadata = _unshared(tensors), dict(metadata or {})
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as err:  # safetensors reports I/O failures (a full disk) as its own error
+            found = re.search(r"\(os error (\d+)\)", str(err))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(tmp)) from None
+
+    return atomic_write(path, write)
 
 
 def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -596,10 +600,12 @@ def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | os.PathLike, *, mmdit=None, vae=None, clip_l=None, clip_g=None, t5=None,
-                    metadata: FlashMetadata | None = None) -> Path:
+                    metadata: FlashMetadata | None = None, extra_metadata: Mapping[str, str] | None = None) -> Path:
     """Write an official single-file checkpoint (the layout ComfyUI's checkpoint loader reads).
 
     Each argument is a module or a state dict (official names for MM-DiT and VAE, HF layout for text encoders).
+    ``extra_metadata``: ``__metadata__`` entries :class:`FlashMetadata` has no field for (the embedded tokenizers
+    of :mod:`.tokenizer_files`).
     """
     def state(x):
         return x.state_dict() if isinstance(x, torch.nn.Module) else x
@@ -611,4 +617,4 @@ def save_checkpoint(path: str | os.PathLike, *, mmdit=None, vae=None, clip_l=Non
     meta = metadata or FlashMetadata()
     if mmdit is not None and meta.architecture is None and hasattr(mmdit, "config"):
         meta.architecture = mmdit.config.to_dict()
-    return atomic_save(tensors, path, meta.to_safetensors())
+    return atomic_save(tensors, path, {**meta.to_safetensors(), **(extra_metadata or {})})

@@ -1,9 +1,11 @@
-"""What a checkpoint holds, from its headers alone: layout, components, architecture, dtypes, sizes, metadata."""
+"""What a checkpoint holds, from its headers alone: layout, components, architecture, dtypes, sizes, metadata, its
+text-token rows, and any tensor whose shape the architecture inferred from the others cannot take."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -14,9 +16,12 @@ from .checkpoint import (
     component_quant,
     component_shapes,
     index_checkpoint,
+    load_mmdit,
+    load_vae,
     logical_component_shapes,
     packed_keys,
 )
+from .errors import CheckpointError
 
 COMPONENT_NAMES = {
     "mmdit": "MM-DiT",
@@ -28,6 +33,9 @@ COMPONENT_NAMES = {
 
 
 RELEASED_DOWNSCALE = 8  # pixels per latent of the released SD3 VAE: what ComfyUI's EmptySD3LatentImage assumes
+DEFAULT_IMAGE_SIZE = 1024  # the image side drawn when none is asked for, unless the model's largest is smaller
+METADATA_SHOWN = 200  # characters of a metadata value that ``info`` prints; longer values are cut
+SD3_ROWS = 77  # SD3's CLIP and T5 token rows (flash_core.text CLIP_LENGTH, T5_DEFAULT_LENGTH)
 
 
 def vae_downscale(files: CheckpointFiles) -> int:
@@ -42,13 +50,26 @@ def vae_downscale(files: CheckpointFiles) -> int:
 
 def largest_image_size(files: CheckpointFiles) -> int | None:
     """The largest image side the MM-DiT can make with this VAE: ``pos_embed_max_size * patch * downscale``
-    (None without an MM-DiT). 16 px for the demo model, 3072 px for SD3.5 Medium."""
+    (None without an MM-DiT). 16 px for the demo model, 6144 px for SD3.5 Medium, 3072 px for SD3.5 Large."""
     if not files.has("mmdit"):
         return None
     from .mmdit import MMDiTConfig
 
     config = MMDiTConfig.from_state_dict(logical_component_shapes(files, "mmdit"))
-    return config.pos_embed_max_size * config.patch_size * vae_downscale(files)
+    return largest_side(config, vae_downscale(files))
+
+
+def largest_side(config, downscale: int) -> int:
+    """The largest image side an MM-DiT of ``config`` (an :class:`~.mmdit.MMDiTConfig`) makes with a VAE of
+    ``downscale`` pixels per latent: its position table x its patch x the VAE's factor."""
+    return config.pos_embed_max_size * config.patch_size * downscale
+
+
+def native_image_size(largest: int | None) -> int:
+    """The image side drawn when none is asked for (``sd35-flash generate`` and ``FlashPipeline.__call__``):
+    1024, or the model's largest side when smaller (``largest``: :func:`largest_image_size`; the demo's 16 px).
+    A released SD3.5 model (3072 px) gives 1024."""
+    return DEFAULT_IMAGE_SIZE if largest is None else min(DEFAULT_IMAGE_SIZE, largest)
 
 
 def architecture_name(config) -> str:
@@ -77,6 +98,13 @@ def _layer_list(layers: tuple[int, ...]) -> str:
     if list(layers) == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}-{layers[-1]}"
     return ", ".join(map(str, layers))
+
+
+def dual_attention(layers: tuple[int, ...], depth: int) -> str:
+    """The blocks with dual attention as block indices, and how many of how many: ``0-12 (13 of 24 blocks)``,
+    ``0 (1 of 2 blocks)``, ``none (0 of 24 blocks)``."""
+    indices = f"block {layers[0]}" if len(layers) == 1 else "blocks " + _layer_list(layers) if layers else "none"
+    return f"{indices} ({len(layers)} of {depth} blocks)"
 
 
 @dataclass
@@ -111,7 +139,7 @@ def component_details(files: CheckpointFiles, component: str) -> dict[str, objec
             "depth": config.depth,
             "hidden": config.hidden_size,
             "heads": config.num_heads,
-            "dual attention layers": _layer_list(layers),
+            "dual-attention layers": dual_attention(layers, config.depth),
             "qk norm": "RMSNorm" if config.qk_norm else "none",
             "pos-embed table": f"{config.pos_embed_max_size}x{config.pos_embed_max_size}",
             "max resolution": f"{config.pos_embed_max_size * config.patch_size * vae_downscale(files)} px"
@@ -134,13 +162,91 @@ def component_details(files: CheckpointFiles, component: str) -> dict[str, objec
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> tuple[CheckpointFiles, list[ComponentInfo], FlashMetadata]:
+    """The checkpoint's files, a :class:`ComponentInfo` per component and our metadata. A component whose
+    architecture cannot be inferred gets that reason as its only detail (``problem``), not an error."""
     files = index_checkpoint(path)
     infos = []
     for component in COMPONENT_NAMES:
         if files.has(component):
             params, dtypes, nbytes = _summarise(files.components[component])
-            infos.append(ComponentInfo(component, params, dtypes, nbytes, component_details(files, component)))
+            try:
+                details = component_details(files, component)
+            except (CheckpointError, ValueError, KeyError, IndexError) as err:
+                details = {"problem": f"the architecture cannot be inferred: {err}"}
+            infos.append(ComponentInfo(component, params, dtypes, nbytes, details))
     return files, infos, FlashMetadata.from_safetensors(files.metadata, str(path))
+
+
+def shape_problem(files: CheckpointFiles, component: str) -> str | None:
+    """Why ``generate`` would refuse the component's tensors, from the headers alone: the strict key and shape
+    check its loaders run (``checkpoint.load_mmdit`` / ``load_vae``, ``text.build_clip`` / ``build_t5``), here
+    on meta tensors; None when every tensor fits the architecture inferred from the others."""
+    from .text import build_clip, build_t5
+
+    try:
+        if component == "mmdit":
+            load_mmdit(logical_component_shapes(files, "mmdit"), device="meta")
+        elif component == "vae":
+            load_vae(component_shapes(files, "vae"), device="meta")
+        elif component == "t5":
+            build_t5(logical_component_shapes(files, "t5"))
+        else:
+            build_clip(component_shapes(files, component), component)
+    except (CheckpointError, ValueError, KeyError, IndexError, RuntimeError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
+
+
+def token_rows(path: str | os.PathLike, files: CheckpointFiles) -> tuple[int, int, str]:
+    """``(CLIP row, T5 row, where from)``: the lengths the checkpoint's own tokenizers declare (a folder beside
+    or in it, or embedded in its metadata: the demo's 12), else SD3's 77 and 77."""
+    from .tokenizer_files import EmbeddedTokenizerError, own_row_lengths
+
+    try:
+        own = own_row_lengths(path, files.metadata)
+    except EmbeddedTokenizerError as err:
+        return SD3_ROWS, SD3_ROWS, f"SD3's: its embedded tokenizers are unusable ({err})"
+    return own or (SD3_ROWS, SD3_ROWS, "SD3's: no tokenizers of its own")
+
+
+def token_line(rows: tuple[int, int, str]) -> str:
+    """How many context tokens the MM-DiT reads, with T5 off (the CLIP row) and on (CLIP + T5 rows)."""
+    clip, t5, origin = rows
+    return (f"  text tokens: CLIP rows of {clip}, T5 rows of {t5} ({origin}); T5 off: {clip} context tokens, "
+            f"T5 on: {clip + t5}")
+
+
+def cut(value: str, limit: int = METADATA_SHOWN) -> str:
+    """``value`` up to ``limit`` characters; a longer one is cut there, with its length said."""
+    return value if len(value) <= limit else f"{value[:limit]}… ({len(value)} chars)"
+
+
+def metadata_lines(files: CheckpointFiles, metadata: FlashMetadata, clip_row: int) -> list[str]:
+    """Our metadata, one line per key, each value cut to :data:`METADATA_SHOWN` characters. The T5 convention
+    says the file's real CLIP row length; embedded tokenizers are summarised, not printed."""
+    from .tokenizer_files import METADATA_KEY, EmbeddedTokenizerError, read_entry
+
+    meta = metadata.to_safetensors()
+    meta.pop("sd35_flash.format_version", None)
+    if meta.get("sd35_flash.t5"):
+        meta["sd35_flash.t5"] = _t5_convention(meta["sd35_flash.t5"], clip_row)
+    raw = files.metadata.get(METADATA_KEY)
+    if raw is not None:
+        try:
+            entry = read_entry(files.metadata)
+            meta[METADATA_KEY] = f"embedded: {', '.join(entry)} ({len(raw) / 1000:.1f} KB)"
+        except EmbeddedTokenizerError as err:
+            meta[METADATA_KEY] = f"embedded but unusable, ignored ({err})"
+    return [f"    {key.removeprefix('sd35_flash.')}: {cut(str(value))}" for key, value in sorted(meta.items())]
+
+
+def _t5_convention(value: str, clip_row: int) -> str:
+    """The stored T5 convention (``optional: 77 CLIP tokens when off``) with the file's own CLIP row length."""
+    stored = re.search(r"(\d+) CLIP tokens", value)
+    if stored is None or int(stored.group(1)) == clip_row:
+        return value
+    fixed = value[:stored.start(1)] + str(clip_row) + value[stored.end(1):]
+    return f"{fixed} (the file says {stored.group(1)}; its tokenizers' rows are {clip_row})"
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -180,21 +286,31 @@ def describe_checkpoint(path: str | os.PathLike, backends: bool = False) -> str:
     """The report ``sd35-flash info`` prints (``backends``: also which quantization backend runs here)."""
     files, infos, metadata = inspect_checkpoint(path)
     lines = [f"{path}", f"  layout: {files.layout}"]
+    problems = 0
     for info in infos:
         dtypes = ", ".join(f"{d} {c / info.parameters:.0%}" if len(info.dtypes) > 1 else d
                            for d, c in info.dtypes.items())
         lines.append(f"  {COMPONENT_NAMES[info.name]}: {_human(info.parameters)} parameters, {dtypes}, "
                      f"{info.nbytes / 2**30:.2f} GiB")
-        lines.extend(f"    {key}: {value}" for key, value in info.details.items())
+        lines.extend(f"    {key}: {value}" for key, value in info.details.items() if key != "problem")
+        problem = info.details.get("problem") or shape_problem(files, info.name)
+        if problem:
+            problems += 1
+            lines.append(f"    PROBLEM: {cut(problem, 400)}")
+    if problems:
+        lines.append(f"  PROBLEM: {problems} component{'s' if problems > 1 else ''} do{'' if problems > 1 else 'es'} "
+                     "not fit the architecture inferred from the weights: generate refuses this file")
     lines.extend(quantization_lines(files, backends))
     absent = [COMPONENT_NAMES[c] for c in COMPONENT_NAMES if not files.has(c)]
     if absent:
         lines.append(f"  not in this checkpoint: {', '.join(absent)}")
-    meta = metadata.to_safetensors()
-    meta.pop("sd35_flash.format_version", None)
+    rows = token_rows(path, files)
+    if files.has("mmdit") or files.has("clip_l") or files.has("clip_g"):
+        lines.append(token_line(rows))
+    meta = metadata_lines(files, metadata, rows[0])
     if meta:
         lines.append("  SD3.5-Flash metadata:")
-        lines.extend(f"    {key.removeprefix('sd35_flash.')}: {value}" for key, value in sorted(meta.items()))
+        lines.extend(meta)
     else:
         lines.append("  SD3.5-Flash metadata: none (not a checkpoint written by this project)")
     return "\n".join(lines)

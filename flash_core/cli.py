@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .atomic import Terminated, atomic_write, check_destination, sigterm_raises
 from .errors import FlashError
 from .quant import BACKENDS, DEFAULT_EXCLUDE, DEFAULT_GROUP_SIZE, FORMATS
 
@@ -24,15 +25,55 @@ class UsageError(FlashError):
     """A command-line argument is wrong."""
 
 
+MAX_SEED = 2**64 - 1  # ComfyUI's seed widget: 0 .. 0xffffffffffffffff
+
+
+def _whole(text: str, expected: str) -> int:
+    """``text`` as an int, or argparse's one-line error saying what was ``expected``."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}'") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    """A whole number of at least 1 (steps, batch, width, height)."""
+    value = _whole(text, "a whole number of at least 1")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got '{text}'")
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block), status 2."""
+def _count(text: str) -> int:
+    """A whole number, 0 or more (group size, --show-at)."""
+    value = _whole(text, "a whole number, 0 or more")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got '{text}'")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A noise seed in ComfyUI's range, 0 to 2**64 - 1."""
+    expected = f"a whole number from 0 to {MAX_SEED} (ComfyUI's seed range)"
+    value = _whole(text, expected)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got '{text}'")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """A finite number (``nan`` and ``inf`` are refused: they would sample a black image)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), status 2 (also ``sd35-flash-train``'s parser)."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -40,11 +81,12 @@ class _Parser(argparse.ArgumentParser):
 
 def one_line(err: BaseException) -> str:
     """An error message folded onto one line (multi-line messages list places looked, for example)."""
-    return "; ".join(line.strip().lstrip("- ") for line in str(err).splitlines() if line.strip())
+    lines = (line.strip() for line in str(err).splitlines())
+    return "; ".join(line[2:] if line.startswith("- ") else line for line in lines if line)  # "- " bullets
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sd35-flash", description="SD3.5-Flash: few-step SD3.5 image generation.")
+    parser = OneLineParser(prog="sd35-flash", description="SD3.5-Flash: few-step SD3.5 image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="make images from a prompt")
@@ -56,12 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "a diffusion-model file, or a diffusers folder. Default: the embedded demo model")
     gen.add_argument("--steps", type=_positive_int, default=4,
                      help="2 or 4 use the student grid; any other count the shift-3 teacher schedule (default 4)")
-    gen.add_argument("--seed", type=int, default=0, help="noise seed, as in ComfyUI (default 0)")
-    gen.add_argument("--width", type=int, help="pixels, a multiple of 16 (of 2 for the demo model: 2 x its VAE's "
+    gen.add_argument("--seed", type=_seed, default=0, help="noise seed, 0 to 2**64-1 as in ComfyUI (default 0)")
+    gen.add_argument("--width", type=_positive_int, help="pixels, a multiple of 16 (of 2 for the demo model: 2 x its VAE's "
                                                 "pixels per latent); default 1024, or the model's largest size when "
                                                 "smaller (16 for the demo model)")
-    gen.add_argument("--height", type=int, help="pixels, as --width (default: as --width's)")
-    gen.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance; 1.0 = one forward per step")
+    gen.add_argument("--height", type=_positive_int, help="pixels, as --width (default: as --width's)")
+    gen.add_argument("--cfg", type=_finite_float, default=1.0, help="classifier-free guidance; 1.0 = one forward per step")
     gen.add_argument("--negative", "-n", default="", help="negative prompt (used when --cfg is not 1)")
     gen.add_argument("--no-t5", action="store_true", help="run without T5 (77 CLIP tokens; T5 is not loaded)")
     gen.add_argument("--batch", type=_positive_int, default=1, help="images from one noise draw (default 1)")
@@ -85,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--memory", metavar="auto|GiB",
                      help="plan which parts load where to fit this budget (auto: the device's free memory); "
                           "prints the plan and its estimated peak")
-    gen.add_argument("--show-at", type=int, default=None, metavar="PIXELS",
+    gen.add_argument("--show-at", type=_count, default=None, metavar="PIXELS",
                      help="enlarge the image (nearest, whole pixels kept sharp) to this width before saving, as "
                           "an ImageScale node would; default: 128 for images under 64 px wide (the demo model's "
                           "16 px), else none; 0: never")
@@ -99,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("output", type=Path, help="the .safetensors file to write (official single-file layout)")
     quant.add_argument("--format", required=True, choices=FORMATS, help="the MM-DiT's weight format")
     quant.add_argument("--t5", choices=FORMATS, help="also quantize T5 to this format (default: T5 as stored)")
-    quant.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+    quant.add_argument("--group-size", type=_count, default=DEFAULT_GROUP_SIZE,
                        help=f"int6 / int4 group along the input dimension (default {DEFAULT_GROUP_SIZE}; 0 = whole row)")
     quant.add_argument("--exclude", metavar="PREFIXES",
                        help="comma-separated MM-DiT layer prefixes kept in 16 bits (default: "
@@ -116,23 +158,46 @@ def output_paths(out: Path, batch: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(batch)]
 
 
+def checked_outputs(out: Path, batch: int) -> list[Path]:
+    """The PNGs to write, each checked before any work: not a folder, not under a file, a name the file
+    system takes, in a folder this process can create files in (flash_core/atomic.py ``check_destination``)."""
+    paths = output_paths(out, batch)
+    for path in paths:
+        check_destination(path, "--out")
+    return paths
+
+
+def check_text(option: str, text: str) -> None:
+    """Refuse text that is not valid UTF-8: bytes that are not UTF-8 reach ``sys.argv`` as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise UsageError(f"{option} is not valid UTF-8 text ({what} at character {err.start + 1})") from None
+
+
+def print_path(path: Path) -> None:
+    """Print ``path`` on stdout as the file system's bytes, also when they are not valid UTF-8."""
+    try:
+        print(path)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+        sys.stdout.buffer.flush()
+
+
 def save_png(image, path: Path, chunks: dict | None = None) -> None:
-    """Write through a temporary file and a rename: a PNG is whole or absent. ``chunks`` (name -> JSON value)
-    become PNG text chunks, written as ComfyUI's SaveImage writes ``prompt`` and ``workflow``."""
+    """Write through a temporary file and a rename (flash_core/atomic.py): a PNG is whole or absent, with the
+    umask's permissions. ``chunks`` (name -> JSON value) become PNG text chunks, written as ComfyUI's SaveImage
+    writes ``prompt`` and ``workflow``."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for name, value in (chunks or {}).items():
         info.add_text(name, json.dumps(value))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info, compress_level=4)  # SaveImage's compression level
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info,
+                                              compress_level=4))  # SaveImage's compression level
 
 
 def comfyui_graph(args: argparse.Namespace, checkpoint: Path, downscale_factor: int = 8) -> tuple[dict, dict]:
@@ -170,9 +235,6 @@ def enlarge(image, width: int):
     return image.resize((width, round(width * image.height / image.width)), Image.Resampling.NEAREST)
 
 
-DEFAULT_SIZE = 1024
-
-
 def run_files(args: argparse.Namespace, checkpoint: Path):
     """The checkpoint's files with the separate ``--vae`` / ``--clip-l`` / ``--clip-g`` / ``--t5`` files in their
     slots (headers only), as ``FlashPipeline.from_checkpoint`` will combine them."""
@@ -190,12 +252,12 @@ def run_files(args: argparse.Namespace, checkpoint: Path):
 def image_size(args: argparse.Namespace, files) -> int:
     """Fill in ``args.width`` / ``args.height`` (default 1024, or the model's largest size when smaller) and
     check them against the VAE's pixels per latent and the MM-DiT's position table; returns that VAE factor."""
-    from .checkpoint_info import largest_image_size, vae_downscale
+    from .checkpoint_info import largest_image_size, native_image_size, vae_downscale
     from .pipeline import check_size
 
     downscale = vae_downscale(files)
     largest = largest_image_size(files)
-    default = DEFAULT_SIZE if largest is None else min(DEFAULT_SIZE, largest)
+    default = native_image_size(largest)
     args.width = args.width if args.width is not None else (args.height or default)
     args.height = args.height if args.height is not None else args.width
     check_size(args.width, args.height, downscale)
@@ -207,22 +269,44 @@ def image_size(args: argparse.Namespace, files) -> int:
     return downscale
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline import FlashPipeline
+def generate_checkpoint(args: argparse.Namespace) -> Path:
+    """``--checkpoint``, or the embedded demo model."""
+    if args.checkpoint is not None:
+        return args.checkpoint
+    if not DEMO_CHECKPOINT.exists():
+        raise UsageError("no --checkpoint given and this installation has no embedded demo model "
+                         f"(expected at {DEMO_CHECKPOINT}); pass --checkpoint PATH to SD3.5 / SD3.5-Flash weights")
+    return DEMO_CHECKPOINT
 
-    paths = output_paths(args.out, args.batch)
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        if not DEMO_CHECKPOINT.exists():
-            raise UsageError("no --checkpoint given and this installation has no embedded demo model "
-                             f"(expected at {DEMO_CHECKPOINT}); pass --checkpoint PATH to SD3.5 / SD3.5-Flash weights")
-        checkpoint = DEMO_CHECKPOINT
-    downscale = image_size(args, run_files(args, checkpoint))
+
+def check_memory(args: argparse.Namespace, files, device) -> None:
+    """Without ``--memory``: refuse a run whose estimated peak (flash_core/memory.py) exceeds the free memory of
+    its device, with the estimate, before anything loads."""
+    from .memory import check_fits
+    from .pipeline import resolve_dtype
+
+    check_fits(files, device, dtype=resolve_dtype(args.dtype, device), width=args.width, height=args.height,
+               batch=args.batch, cfg=args.cfg, steps=args.steps, weights=args.weights,
+               t5_weights=args.t5_weights, use_t5=not args.no_t5)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline import FlashPipeline, NonFiniteImageError, resolve_device
+
+    paths = checked_outputs(args.out, args.batch)
+    check_text("--prompt", args.prompt)
+    check_text("--negative", args.negative)
+    device = resolve_device(args.device, what="--device")
+    checkpoint = generate_checkpoint(args)
+    files = run_files(args, checkpoint)
+    downscale = image_size(args, files)
     weights, t5_weights, use_t5, offload = args.weights, args.t5_weights, not args.no_t5, False
     if args.memory is not None:
         plan = memory_plan(args, checkpoint)
         print(plan.describe(), file=sys.stderr)
         weights, t5_weights, use_t5, offload = plan.tier.mmdit, plan.t5_weights, plan.use_t5, plan.tier.offload
+    else:
+        check_memory(args, files, device)
     args.weights, args.no_t5 = weights, not use_t5  # what the embedded graph records
     pipe = FlashPipeline.from_checkpoint(
         checkpoint, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5, tokenizers=args.tokenizers,
@@ -231,13 +315,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     for component, text in pipe.quant_report.items():
         print(f"{component}: {text}", file=sys.stderr)
-    images = pipe(args.prompt, negative=args.negative, steps=args.steps, seed=args.seed, width=args.width,
-                  height=args.height, cfg=args.cfg, use_t5=use_t5, batch=args.batch, mode=args.mode,
-                  progress=not args.quiet)
+    try:
+        images = pipe(args.prompt, negative=args.negative, steps=args.steps, seed=args.seed, width=args.width,
+                      height=args.height, cfg=args.cfg, use_t5=use_t5, batch=args.batch, mode=args.mode,
+                      progress=not args.quiet)
+    except NonFiniteImageError as err:
+        raise FlashError(f"'{checkpoint}': {err}") from None
     prompt, workflow = comfyui_graph(args, checkpoint, downscale)
     for image, path in zip(images, paths, strict=True):
         save_png(enlarge(image, show_width(args)), path, {"prompt": prompt, "workflow": workflow})
-        print(path)
+        print_path(path)
     return 0
 
 
@@ -246,13 +333,13 @@ def memory_plan(args: argparse.Namespace, checkpoint: Path):
     from .memory import parse_budget, plan_memory
     from .pipeline import resolve_device, resolve_dtype
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, what="--device")
     files = run_files(args, checkpoint)
     if args.width is None or args.height is None:
         image_size(args, files)
     return plan_memory(files, parse_budget(args.memory, device), dtype=resolve_dtype(args.dtype, device),
                        width=args.width, height=args.height, batch=args.batch, cfg=args.cfg,
-                       weights=args.weights, use_t5=not args.no_t5)
+                       weights=args.weights, use_t5=not args.no_t5, steps=args.steps)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -265,11 +352,42 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quant_io import quantize_checkpoint
 
+    check_destination(args.output, "output")
     exclude = None if args.exclude is None else tuple(p.strip() for p in args.exclude.split(",") if p.strip())
     report = quantize_checkpoint(args.input, args.output, fmt=args.format, t5_fmt=args.t5,
                                  group_size=args.group_size, exclude=exclude, progress=not args.quiet)
     print(report)
     return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize}
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError, or the CPU allocator's refusal (a plain RuntimeError)."""
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(err))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the subcommand; every expected failure becomes one stderr line and status 2."""
+    try:
+        return COMMANDS[args.command](args)
+    except (FlashError, ValueError, OSError) as err:
+        print(f"sd35-flash: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
+        print(f"sd35-flash: error: out of memory ({one_line(err)[:200]}); lower --batch or --width/--height, "
+              "or pass --memory auto to plan offloading and quantization", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("sd35-flash: stopped (SIGTERM)", file=sys.stderr)
+        return 128 + Terminated.signum
+    except KeyboardInterrupt:
+        print("sd35-flash: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,14 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .memory import return_large_frees
 
         return_large_frees()
-    try:
-        return {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize}[args.command](args)
-    except (FlashError, ValueError, FileNotFoundError) as err:
-        print(f"sd35-flash: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sd35-flash: interrupted", file=sys.stderr)
-        return 130
+    with sigterm_raises():  # SIGTERM unwinds like Ctrl-C: temporary files are removed
+        return run_command(args)
 
 
 if __name__ == "__main__":

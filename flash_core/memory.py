@@ -173,10 +173,14 @@ def _quantizable(component: str, key: str, shape: Iterable[int], fmt: str) -> bo
     return not any(layer == p or layer.startswith(p + ".") for p in DEFAULT_EXCLUDE.get(component, ()))
 
 
+SCHEDULE_BYTES_PER_STEP = 40  # the sigma schedule: float64 linspace, the shift map's temporaries, float32 result
+
+
 def activation_bytes(files: CheckpointFiles, *, width: int, height: int, batch: int, cfg: float,
-                     use_t5: bool) -> dict[str, int]:
+                     use_t5: bool, steps: int = 0) -> dict[str, int]:
     """Rough fp32 activation terms per phase: text-encoder hidden states; the MM-DiT's tokens (residual
-    streams, qkv, the 4x MLP, one attention-score block); the VAE decoder's full-resolution feature maps."""
+    streams, qkv, the 4x MLP, one attention-score block) and the sigma schedule of ``steps``; the VAE
+    decoder's full-resolution feature maps."""
     rows = batch * (2 if cfg != 1.0 else 1)
     hidden = 1536
     if files.has("mmdit"):
@@ -186,7 +190,7 @@ def activation_bytes(files: CheckpointFiles, *, width: int, height: int, batch: 
     image_tokens = (height // (2 * f)) * (width // (2 * f))  # patch 2
     tokens = image_tokens + text_tokens
     heads = max(1, hidden // 64)
-    denoise = rows * (tokens * hidden * 4 * 12 + heads * tokens * tokens * 4)
+    denoise = rows * (tokens * hidden * 4 * 12 + heads * tokens * tokens * 4) + (steps + 1) * SCHEDULE_BYTES_PER_STEP
     t5_width = 4096
     encode = rows * text_tokens * t5_width * 4 * 8
     decode = batch * (128 * height * width * 4 * 3 + (height // f * width // f) ** 2 * 4)
@@ -227,12 +231,13 @@ def candidate_tiers(files: CheckpointFiles, *, weights: str | None, use_t5: bool
 
 
 def plan_memory(files: CheckpointFiles, budget: int, *, dtype: torch.dtype, width: int, height: int,
-                batch: int = 1, cfg: float = 1.0, weights: str | None = None, use_t5: bool = True) -> MemoryPlan:
+                batch: int = 1, cfg: float = 1.0, weights: str | None = None, use_t5: bool = True,
+                steps: int = 0) -> MemoryPlan:
     """The first tier (module docstring) whose estimated peak fits ``budget`` bytes."""
     plans = []
     for tier in candidate_tiers(files, weights=weights, use_t5=use_t5):
         acts = activation_bytes(files, width=width, height=height, batch=batch, cfg=cfg,
-                                use_t5=tier.t5 != "off")
+                                use_t5=tier.t5 != "off", steps=steps)
         plan = estimate(files, tier, dtype=dtype, activations=acts, budget=budget)
         if plan.peak <= budget:
             return plan
@@ -241,3 +246,22 @@ def plan_memory(files: CheckpointFiles, budget: int, *, dtype: torch.dtype, widt
     raise FlashError(f"no memory plan fits {budget / GIB:.2f} GiB: the leanest (MM-DiT "
                      f"{leanest.tier.mmdit or 'as stored'}, T5 {leanest.tier.t5}, parts released after use) "
                      f"needs about {leanest.peak / GIB:.2f} GiB; lower --width/--height/--batch or raise --memory")
+
+
+def check_fits(files: CheckpointFiles, device: torch.device, *, dtype: torch.dtype, width: int, height: int,
+               batch: int = 1, cfg: float = 1.0, steps: int = 0, weights: str | None = None,
+               t5_weights: str | None = None, use_t5: bool = True, available: int | None = None) -> MemoryPlan:
+    """The run as requested (every part resident): its plan, or a :class:`FlashError` with the estimate when
+    the peak exceeds ``available`` bytes (default: the free memory of ``device``, :func:`free_memory`)."""
+    t5 = "off" if not (use_t5 and files.has("t5")) else (t5_weights or "dtype")
+    acts = activation_bytes(files, width=width, height=height, batch=batch, cfg=cfg, use_t5=t5 != "off",
+                            steps=steps)
+    plan = estimate(files, Tier(weights, t5, False), dtype=dtype, activations=acts)
+    available = free_memory(device) if available is None else available
+    if plan.peak > available:
+        phase = max(plan.phases, key=plan.phases.get)
+        raise FlashError(f"this run needs about {plan.peak / GIB:.2f} GiB (the {phase} phase of --batch {batch} "
+                         f"at {width}x{height} px, {steps} steps), more than the {available / GIB:.2f} GiB free on "
+                         f"{device}; lower --batch, --width/--height or --steps, or pass --memory auto|GiB to "
+                         "plan offloading and quantization (a number insists)")
+    return plan

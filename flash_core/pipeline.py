@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,10 +25,12 @@ from .checkpoint import (
     load_mmdit,
     load_vae,
 )
+from .checkpoint_info import largest_side, native_image_size
 from .errors import CheckpointError, FlashError
 from .quant import choose_backend, quantized_layers, set_backend
 from .quant_io import quantizable_state
-from .text import TripleTextEncoder, load_tokenizers, tokenizers_beside
+from .text import TripleTextEncoder
+from .tokenizer_files import checkpoint_tokenizers
 from .vae import VAEConfig, process_out
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,10 +39,44 @@ PATCH_SIZE = 2
 SIZE_MULTIPLE = LATENT_DOWNSCALE * PATCH_SIZE  # latent side must be a multiple of the patch size (2)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def _device_backend(kind: str):
+    """``(available, count)`` for an accelerator type torch knows how to use here, else None."""
+    if kind == "mps":
+        available = torch.backends.mps.is_available()
+        return available, int(available)
+    backend = getattr(torch, kind, None) if kind in ("cuda", "xpu") else None
+    if backend is None or not hasattr(backend, "is_available"):
+        return None
+    available = backend.is_available()
+    return available, backend.device_count() if available else 0
+
+
+def resolve_device(device: str | torch.device = "auto", what: str = "device") -> torch.device:
+    """``auto``: the first CUDA GPU, else the CPU. Any other device must exist on this machine: a
+    :class:`FlashError` naming ``what`` (``--device`` for the CLI) says why not, before anything loads."""
+    text = str(device)
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = device if isinstance(device, torch.device) else torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise FlashError(f"{what} '{text}' is not a device; expected {DEVICE_CHOICES}") from None
+    if resolved.type == "cpu":
+        return resolved
+    backend = _device_backend(resolved.type)
+    if backend is None:
+        raise FlashError(f"{what} '{text}' is not supported; expected {DEVICE_CHOICES}")
+    available, count = backend
+    if not available:
+        raise FlashError(f"{what} '{text}': this machine has no {resolved.type.upper()} device "
+                         f"(torch {torch.__version__} finds none); use cpu or auto")
+    if resolved.index is not None and resolved.index >= count:
+        raise FlashError(f"{what} '{text}': this machine has {count} {resolved.type.upper()} device(s), "
+                         f"{resolved.type}:0 to {resolved.type}:{count - 1}")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -65,6 +100,18 @@ def check_size(width: int, height: int, downscale: int = LATENT_DOWNSCALE) -> No
         if value <= 0 or value % multiple:
             raise FlashError(f"{name} {value} is not a positive multiple of {multiple} "
                              f"(the latent is 1/{downscale} of the image and the MM-DiT patch is {PATCH_SIZE})")
+
+
+class NonFiniteImageError(FlashError):
+    """The model produced NaN or infinite values: there is no image to save."""
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteImageError` when ``values`` hold NaN or infinite entries."""
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise NonFiniteImageError(f"the {what} hold {bad} of {values.numel()} values that are NaN or infinite: "
+                                  "the model produced no image (NaN or infinite weights, or an fp16 overflow)")
 
 
 def latents_to_images(images: torch.Tensor) -> list[Image.Image]:
@@ -152,8 +199,9 @@ class FlashPipeline:
         """Load a checkpoint in any supported layout; separate files fill or replace its components.
 
         ``use_t5=False`` never reads the T5 weights (the T5-off memory tier). Tokenizers, first found: ``tokenizers``;
-        the checkpoint's own (a diffusers folder's, or a ``tokenizers/`` folder beside a checkpoint file, as the
-        demo model ships them); ``$SD35_FLASH_TOKENIZERS``; the ComfyUI installation (``text.load_tokenizers``). ``weights`` / ``t5_weights``
+        the checkpoint's own (a diffusers folder's, a ``tokenizers/`` folder beside a checkpoint file, as the demo
+        model ships them, or tokenizers embedded in the file's metadata); ``$SD35_FLASH_TOKENIZERS``; the ComfyUI
+        installation (``tokenizer_files.checkpoint_tokenizers``). ``weights`` / ``t5_weights``
         (``int8``, ``fp8``, ``int6``, ``int4``) quantize the MM-DiT / T5 while they are read; a quantized file
         loads as stored. ``quant_backend`` picks the runtime (flash_core/quant.py, ``auto`` measures).
         ``offload=True`` loads each part when its phase starts and releases it after.
@@ -171,11 +219,7 @@ class FlashPipeline:
         if not (files.has("clip_l") or files.has("clip_g")):
             raise CheckpointError(f"'{checkpoint}' holds no CLIP text encoders; pass --clip-l and --clip-g "
                                   "(and optionally --t5)")
-        if tokenizers is None and Path(checkpoint).is_dir():
-            tokenizers = checkpoint
-        if tokenizers is None:
-            tokenizers = tokenizers_beside(checkpoint)
-        toks = load_tokenizers(tokenizers)
+        toks = checkpoint_tokenizers(checkpoint, files.metadata, tokenizers)
         metadata = FlashMetadata.from_safetensors(files.metadata, str(checkpoint))
         use_t5 = use_t5 and files.has("t5")
         report: dict[str, str] = {}
@@ -262,19 +306,33 @@ class FlashPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents -> images; NaN or infinite values (NaN weights, an fp16 overflow) raise
+        :class:`NonFiniteImageError` rather than turning into black images."""
+        check_finite(latents, "sampled latents")
         raw = process_out(latents.float())
-        return latents_to_images(self.vae.decode(raw.to(self.vae.dtype)))
+        images = self.vae.decode(raw.to(self.vae.dtype))
+        check_finite(images, "decoded images")
+        return latents_to_images(images)
 
-    def __call__(self, prompt: str, *, negative: str = "", steps: int = 4, seed: int = 0, width: int = 1024,
-                 height: int = 1024, cfg: float = 1.0, use_t5: bool = True, batch: int = 1,
+    def __call__(self, prompt: str, *, negative: str = "", steps: int = 4, seed: int = 0, width: int | None = None,
+                 height: int | None = None, cfg: float = 1.0, use_t5: bool = True, batch: int = 1,
                  mode: str | None = None, progress: bool | Callable[[int, int], None] = True) -> list[Image.Image]:
-        """Generate ``batch`` images for ``prompt``; noise for the whole batch comes from ``seed``."""
-        check_size(width, height, self.downscale_factor)
+        """Generate ``batch`` images for ``prompt``; noise for the whole batch comes from ``seed``.
+
+        ``width`` / ``height`` default as ``sd35-flash generate``'s: one given, the other is the same; neither,
+        the model's native size (:meth:`native_size`: 1024, or the model's largest side when smaller, the demo's
+        16 px)."""
+        if width is not None or height is not None:
+            width = width if width is not None else height
+            height = height if height is not None else width
+            check_size(width, height, self.downscale_factor)
         if batch < 1:
             raise FlashError(f"batch must be at least 1, got {batch}")
         cond = self.encode_prompt(prompt, use_t5).repeat(batch)
         uncond = self.encode_prompt(negative, use_t5).repeat(batch) if cfg != 1.0 else None
         self._done_with("text_encoder")
+        if width is None:  # after the text phase: with offload the MM-DiT it reads is loaded next anyway
+            width = height = self.native_size()
         callback, bar = _progress_callback(progress, len(self.sigmas(steps)) - 1)
         try:
             latents = self.generate_latents(cond, seed=seed, width=width, height=height, steps=steps, cfg=cfg,
@@ -286,6 +344,12 @@ class FlashPipeline:
         images = self.decode(latents)
         self._done_with("vae")
         return images
+
+    def native_size(self) -> int:
+        """The image side ``__call__`` draws when given none: ``checkpoint_info.native_image_size`` of the
+        MM-DiT's largest side with this pipeline's VAE (1024 when the MM-DiT module has no ``config``)."""
+        config = getattr(self.mmdit, "config", None)
+        return native_image_size(None if config is None else largest_side(config, self.downscale_factor))
 
 
 def _progress_callback(progress, total: int):

@@ -37,6 +37,7 @@ from .quant import (
     sd_nbytes,
     write_schemes,
 )
+from .tokenizer_files import written_tokenizer_metadata
 
 
 def linear_names(files: CheckpointFiles, component: str) -> list[str]:
@@ -93,15 +94,14 @@ def own_memory(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-
-
-
 def quantize_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *, fmt: str, t5_fmt: str | None = None,
                         group_size: int = DEFAULT_GROUP_SIZE, exclude: Iterable[str] | None = None,
                         progress: bool = True) -> str:
     """Write ``output``: ``source`` (any layout) as one official single file with the MM-DiT (and T5 when
-    ``t5_fmt`` is given) quantized, the other parts as stored, our metadata kept and the scheme added.
-    Returns the report ``sd35-flash quantize`` prints."""
+    ``t5_fmt`` is given) quantized, the other parts as stored, our metadata kept and the scheme added. The
+    source's own project-made tokenizers (a folder beside or in it, or already embedded) travel in the metadata
+    (:mod:`.tokenizer_files`), so the copy works wherever it is moved. Returns the report ``sd35-flash quantize``
+    prints."""
     output = Path(output)
     if output.suffix != ".safetensors":
         raise FlashError(f"output '{output}' must end in .safetensors")
@@ -138,7 +138,7 @@ def quantize_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *,
     carried = component_quant(files, "t5") if files.has("t5") and not formats["t5"] else None
     if carried is not None:
         schemes["t5"] = carried
-    raw = {**metadata.to_safetensors(), **write_schemes(schemes)}
+    raw = {**metadata.to_safetensors(), **write_schemes(schemes), **written_tokenizer_metadata(source, files.metadata)}
     atomic_save(tensors, output, raw)
     return "\n".join([f"wrote {output}", *lines])
 

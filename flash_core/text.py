@@ -68,6 +68,7 @@ CLIP_ACTIVATIONS = {"clip_l": "quick_gelu", "clip_g": "gelu"}
 SLOT_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5": "T5-XXL"}
 ENV_TOKENIZERS = "SD35_FLASH_TOKENIZERS"
 T5_SUBFOLDERS = ("t5xxl", "t5", "t5_tokenizer")
+UNKNOWN_SHOWN = 12  # unknown words a warning names (repr: control characters stay escaped on one line)
 # tokenizer_config.json classes whose tokenizer.json is used as-is (not rebuilt as CLIP's BPE / T5's Unigram)
 GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
@@ -104,7 +105,13 @@ def declared_length(folder, default: int) -> int:
     """The token-row length a tokenizer folder declares: ``model_max_length`` of a folder read as-is (a
     project-made vocabulary, e.g. the toy world's, whose model was trained on rows of that length); ``default``
     (SD3's 77) for CLIP's BPE and T5's Unigram files, whose ``model_max_length`` is the encoder's limit instead."""
-    config = _generic_tokenizer_config(Path(folder))
+    return config_length(_generic_tokenizer_config(Path(folder)), default)
+
+
+def config_length(config: Mapping | None, default: int) -> int:
+    """The row length a read-as-is ``tokenizer_config.json`` (as a dict; None for other tokenizers) declares:
+    its ``model_max_length`` when it is a sensible whole number, else ``default``. Shared by folders
+    (:func:`declared_length`) and tokenizers embedded in a checkpoint (:mod:`.tokenizer_files`)."""
     length = config.get("model_max_length") if config is not None else None
     if not isinstance(length, int) or isinstance(length, bool) or not 2 <= length <= CLIP_LENGTH * 64:
         return default
@@ -238,17 +245,18 @@ def load_tokenizers(path=None) -> Tokenizers:
     """Load the CLIP-L, CLIP-G and (if present) T5 tokenizers from local files only.
 
     ``path`` may be a diffusers model folder, a folder with ``clip/`` and ``t5xxl/`` subfolders (the layout of
-    ``shared/tokenizers`` and of the demo model's ``tokenizers/``), a ComfyUI installation, or a folder holding
+    the demo model's ``tokenizers/``), a ComfyUI installation, or a folder holding
     vocab.json + merges.txt (T5 then in a ``t5xxl``/``t5``/``t5_tokenizer`` folder inside or beside it). When
     ``path`` is None the environment variable ``SD35_FLASH_TOKENIZERS`` and then the ComfyUI this pack runs in
     are tried. The T5 tokenizer is optional (None when absent). Raises TokenizerNotFoundError listing every
     place looked.
 
     Order of precedence for a checkpoint (``FlashPipeline.from_checkpoint``, ``sd35-flash generate`` and the
-    Flash Checkpoint Loader): an explicit path (``--tokenizers``), then the checkpoint's own tokenizers (a
-    diffusers folder's ``tokenizer*/``, or a ``tokenizers/`` folder beside a checkpoint file:
-    :func:`tokenizers_beside`), then ``$SD35_FLASH_TOKENIZERS``, then the ComfyUI installation. A model's own
-    tokenizers come before the environment's because they are the ones its text encoders were made with.
+    Flash Checkpoint Loader; :func:`.tokenizer_files.checkpoint_tokenizers`): an explicit path
+    (``--tokenizers``), then the checkpoint's own tokenizers (a diffusers folder's ``tokenizer*/``, a
+    ``tokenizers/`` folder beside a checkpoint file: :func:`tokenizers_beside`, or tokenizers embedded in the
+    file's metadata), then ``$SD35_FLASH_TOKENIZERS``, then the ComfyUI installation. A model's own tokenizers
+    come before the environment's because they are the ones its text encoders were made with.
     """
     dirs = find_tokenizer_dirs(path)
     clip_l = _load_clip_tokenizer(dirs.clip_l)
@@ -262,6 +270,39 @@ def load_tokenizers(path=None) -> Tokenizers:
 def _text_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids of each prompt without special tokens, no truncation (that is done by the callers)."""
     return tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def unknown_words(tokenizer, prompts: list[str]) -> list[str]:
+    """The pieces of ``prompts`` that ``tokenizer`` reads as its unknown token, in order, each once (a word
+    outside a project-made vocabulary, a character T5's Unigram lacks). Empty for tokenizers whose unknown token
+    is also a start/end/pad token (CLIP's byte-level BPE, which has a token for every byte) and for slow ones."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    if unk is None or unk in specials or not getattr(tokenizer, "is_fast", False):
+        return []
+    encoded = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    words: list[str] = []
+    for prompt, ids, offsets in zip(prompts, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        for token, (start, end) in zip(ids, offsets, strict=True):
+            word = prompt[start:end]
+            if token == unk and word not in words:
+                words.append(word)
+    return words
+
+
+def warn_unknown_words(tokenizers: Tokenizers, prompts: list[str], use_t5: bool) -> list[str]:
+    """One warning naming every word of ``prompts`` that a tokenizer in use reads as unknown (the model cannot
+    read them: they all become one and the same token); returns those words."""
+    used = [tokenizers.clip_l, tokenizers.clip_g] + ([tokenizers.t5] if use_t5 and tokenizers.t5 else [])
+    words: list[str] = []
+    for tokenizer in dict.fromkeys(used):  # CLIP-L and CLIP-G often share one tokenizer
+        words += [w for w in unknown_words(tokenizer, prompts) if w not in words]
+    if words:
+        shown = ", ".join(repr(w if len(w) <= 40 else w[:40] + "...") for w in words[:UNKNOWN_SHOWN])
+        more = f" and {len(words) - UNKNOWN_SHOWN} more" if len(words) > UNKNOWN_SHOWN else ""
+        logger.warning("unknown words for this model's tokenizer: %s%s (each is read as one unknown token)", shown,
+                       more)
+    return words
 
 
 def tokenize_clip(tokenizer, prompts: list[str], pad_id: int, length: int = CLIP_LENGTH) -> torch.Tensor:
@@ -654,8 +695,10 @@ class TripleTextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str], use_t5: bool = True) -> dict[str, torch.Tensor]:
         """{'clip_l': [B, clip_length], 'clip_g': [B, clip_length]} plus 't5': [B, t5_length] when ``use_t5`` and
-        T5 is loaded (77 each unless the tokenizer folder declares shorter rows)."""
+        T5 is loaded (77 each unless the tokenizer folder declares shorter rows). Words the tokenizers read as
+        unknown give one warning naming them (:func:`warn_unknown_words`)."""
         toks = self._tokenizers()
+        warn_unknown_words(toks, prompts, use_t5 and self.has_t5)
         out = {
             "clip_l": tokenize_clip(toks.clip_l, prompts, pad_id=toks.clip_l.eos_token_id, length=toks.clip_length),
             "clip_g": tokenize_clip(toks.clip_g, prompts, pad_id=CLIP_G_PAD_ID, length=toks.clip_length),

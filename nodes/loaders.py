@@ -13,6 +13,7 @@ from ..flash_core.checkpoint_info import COMPONENT_NAMES, loader_report
 from ..flash_core.errors import CheckpointError
 from ..flash_core.quant import FORMATS
 from ..flash_core.text import tokenizers_beside
+from ..flash_core.tokenizer_files import embedded_tokenizers
 from . import native, quant_ops
 
 CATEGORY = "SD3.5 Flash"
@@ -116,7 +117,8 @@ class FlashCheckpointLoader:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_OPTIONS)}, got '{quantize}'")
         model = native.build_model(files, weight_dtype, metadata, quantize)
         texts = native.text_state_dicts(files, use_t5=t5_state == "on")
-        tokenizers = tokenizers_beside(path)  # the model's own tokenizers (the demo's word-level vocabulary)
+        # the model's own tokenizers (the demo's word-level vocabulary): a folder beside it, or embedded in it
+        tokenizers = tokenizers_beside(path) or embedded_tokenizers(files.metadata, ckpt_name)
         clip = native.build_clip(texts, {s: ckpt_name for s in texts}, weight_dtype, tokenizers) if texts else None
         vae = native.build_vae(files) if files.has("vae") else None
         report = loader_report(files, source=ckpt_name, weight_dtype=native.WEIGHT_DTYPES[weight_dtype], t5=t5_state,

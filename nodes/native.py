@@ -11,7 +11,8 @@ is what the stock loaders cannot do:
 * our checkpoint metadata (student grid, sampler mode) kept on the model for the Flash Scheduler, and its VAE's
   pixels per latent for the Flash Sampler's size check;
 * a model's own tokenizers (a ``tokenizers/`` folder beside the checkpoint, e.g. the demo model's word-level
-  vocabulary): ComfyUI's own ``SDTokenizer`` pointed at those folders, and the CLIP models told their special ids.
+  vocabulary, or tokenizers embedded in its metadata: flash_core/tokenizer_files.py): ComfyUI's own
+  ``SDTokenizer`` pointed at those folders (or handed the embedded ones), and the CLIP models told their special ids.
 
 Every ``comfy`` import is inside a function: this module imports where ComfyUI is absent.
 """
@@ -19,6 +20,7 @@ Every ``comfy`` import is inside a function: this module imports where ComfyUI i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -182,7 +184,8 @@ def build_clip(state_dicts: Mapping[str, Mapping[str, torch.Tensor]], names: Map
     Released widths load exactly as ComfyUI's TripleCLIPLoader / DualCLIPLoader(type=sd3) load them. Narrower
     encoders are ComfyUI's same classes sized by config overrides (``<name>_model_config``), in a subclass that
     zero-pads T5 to 4096 channels and the pooled vector to 2048 like the headless engine. ``tokenizers`` (a folder
-    :func:`..flash_core.text.load_tokenizers` reads, e.g. the one beside the checkpoint: ``text.tokenizers_beside``)
+    :func:`..flash_core.text.load_tokenizers` reads, e.g. the one beside the checkpoint: ``text.tokenizers_beside``,
+    or :class:`..flash_core.text.Tokenizers` already built, e.g. the ones embedded in the checkpoint's metadata)
     replaces ComfyUI's BPE tokenizers for narrow encoders: the demo model's word-level vocabulary.
     """
     import comfy.sd
@@ -311,7 +314,7 @@ def _padded_sd3_clip(clip_l: bool, clip_g: bool, t5: bool, special: dict | None 
     return PaddedSD3ClipModel
 
 
-def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None, clip_length: int = CLIP_LENGTH,
+def folder_tokenizer(dirs: TokenizerDirs | Tokenizers, t5_pad_id: int | None = None, clip_length: int = CLIP_LENGTH,
                      t5_length: int = T5_DEFAULT_LENGTH):
     """An SD3 tokenizer class for ``comfy.sd.CLIP`` made of ComfyUI's own ``SDTokenizer`` pointed at a tokenizer
     folder, set as ``SD3Tokenizer`` sets its three (so a prompt gives the ids ``flash_core.text`` gives):
@@ -324,13 +327,20 @@ def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None, clip_len
     ``clip_length`` / ``t5_length``: the rows the folder declares (``Tokenizers.clip_length``; the demo's 12).
 
     A folder with a ``tokenizer.json`` read as-is (the demo's word-level vocabulary) is read with
-    ``PreTrainedTokenizerFast``; CLIP BPE files with ComfyUI's default ``CLIPTokenizer``."""
+    ``PreTrainedTokenizerFast``; CLIP BPE files with ComfyUI's default ``CLIPTokenizer``. ``dirs`` may also be
+    :class:`Tokenizers` built already (embedded in a checkpoint: they have no folder), handed to ``SDTokenizer``
+    as they are."""
     import comfy.sd1_clip as sd1_clip
     import comfy.text_encoders.sd3_clip as sd3_clip
     from transformers import CLIPTokenizer, PreTrainedTokenizerFast, T5TokenizerFast
 
     def cls_for(folder, default):
-        return PreTrainedTokenizerFast if reads_as_is(folder) else default
+        if isinstance(folder, Path):
+            return PreTrainedTokenizerFast if reads_as_is(folder) else default
+        return _built(folder)
+
+    def path(folder) -> str:
+        return str(folder) if isinstance(folder, Path) else "(embedded in the checkpoint)"
 
     t5_pad = t5_pad_id
 
@@ -338,21 +348,27 @@ def folder_tokenizer(dirs: TokenizerDirs, t5_pad_id: int | None = None, clip_len
         def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006 (ComfyUI's signature)
             common = {"embedding_directory": embedding_directory, "tokenizer_data": tokenizer_data}
             self.clip_l = sd1_clip.SDTokenizer(
-                str(dirs.clip_l), max_length=clip_length, pad_with_end=True, embedding_size=768,
+                path(dirs.clip_l), max_length=clip_length, pad_with_end=True, embedding_size=768,
                 embedding_key="clip_l", tokenizer_class=cls_for(dirs.clip_l, CLIPTokenizer), **common)
             self.clip_g = sd1_clip.SDTokenizer(
-                str(dirs.clip_g), max_length=clip_length, pad_with_end=False, pad_token=CLIP_G_PAD_ID,
+                path(dirs.clip_g), max_length=clip_length, pad_with_end=False, pad_token=CLIP_G_PAD_ID,
                 embedding_size=1280, embedding_key="clip_g", tokenizer_class=cls_for(dirs.clip_g, CLIPTokenizer),
                 **common)
             if dirs.t5 is None:
                 self.t5xxl = sd3_clip.T5XXLTokenizer(**common)
             else:
                 self.t5xxl = sd1_clip.SDTokenizer(
-                    str(dirs.t5), pad_with_end=False, pad_token=t5_pad, embedding_size=4096, embedding_key="t5xxl",
+                    path(dirs.t5), pad_with_end=False, pad_token=t5_pad, embedding_size=4096, embedding_key="t5xxl",
                     tokenizer_class=cls_for(dirs.t5, T5TokenizerFast), has_start_token=False,
                     pad_to_max_length=False, max_length=99999999, min_length=t5_length, **common)
 
     return FolderSD3Tokenizer
+
+
+def _built(tokenizer):
+    """A ``tokenizer_class`` for ComfyUI's ``SDTokenizer`` whose ``from_pretrained`` (the only use it makes of
+    its path) hands back ``tokenizer``, already built."""
+    return type("BuiltTokenizer", (), {"from_pretrained": staticmethod(lambda *args, **kwargs: tokenizer)})
 
 
 def _build_narrow_clip(state_dicts, options: dict, tokenizers=None):
@@ -360,8 +376,11 @@ def _build_narrow_clip(state_dicts, options: dict, tokenizers=None):
     import comfy.text_encoders.sd3_clip as sd3_clip
     import comfy.utils
 
-    dirs = find_tokenizer_dirs(tokenizers) if tokenizers is not None else None
-    toks = load_tokenizers(tokenizers) if tokenizers is not None else None
+    if isinstance(tokenizers, Tokenizers):  # built already (embedded in the checkpoint): no folder to read
+        dirs, toks = tokenizers, tokenizers
+    else:
+        dirs = find_tokenizer_dirs(tokenizers) if tokenizers is not None else None
+        toks = load_tokenizers(tokenizers) if tokenizers is not None else None
     special = _special_ids(toks)
     rows = toks.clip_length if toks is not None else CLIP_LENGTH
     state_dicts = _positions_for_rows(state_dicts, rows)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..flash_core.atomic import atomic_write
 from ..flash_core.checkpoint import FlashMetadata, index_checkpoint
 from ..training.config import Config, config_from_dict
 from .loaders import full_path
@@ -351,8 +351,5 @@ class FlashTrainSave:
             raise ValueError(f"filename '{filename}' must be a plain file name")
         folder = Path(folder_paths.get_folder_paths("checkpoints")[0])
         target = folder / (filename if filename.endswith(".safetensors") else f"{filename}.safetensors")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
-        Path(tmp).unlink()
-        shutil.copyfile(source, tmp)
-        Path(tmp).replace(target)
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # whole or not at all, umask's mode
         return {"ui": {"text": [f"saved {source.name} as {target}"]}}

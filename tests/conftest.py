@@ -1,9 +1,44 @@
-"""Fixtures shared across test modules."""
+"""Fixtures shared across test modules, and the collection of the repository root as a plain folder."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from tokenizer_factories import write_tokenizers
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+class RootAsPlainDirectory:
+    """Collect the repository root as a plain ``pytest.Dir``, not a ``Package``.
+
+    The root's ``__init__.py`` is the ComfyUI pack's entry point (relative imports). Collected as a Package,
+    pytest imports it under the checkout folder's name, which fails for the name ``git clone`` gives
+    (``ComfyUI-SD35-Flash`` is no module name: "attempted relative import with no known parent package").
+    The tests import the library as ``sd35_flash`` and never need that import. A conftest's
+    ``pytest_collect_directory`` is consulted for its folder's children only, so this hook is registered as a
+    plugin of its own (:func:`pytest_configure`), which pytest asks for the root too."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+        if Path(path).resolve() == REPOSITORY:
+            return pytest.Dir.from_parent(parent, path=Path(path))
+        return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.has_plugin("sd35-flash-root-as-directory"):
+        config.pluginmanager.register(RootAsPlainDirectory(), "sd35-flash-root-as-directory")
+
+
+@pytest.fixture(scope="session")
+def tokenizers_dir(tmp_path_factory) -> Path:
+    """The self-made CLIP BPE and T5 SentencePiece files (tokenizer_factories.py) in the clip/ + t5xxl/ layout,
+    written once per session."""
+    return write_tokenizers(tmp_path_factory.mktemp("tokenizers"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """Small random-weight SD3.5-shaped components and checkpoints for tests (nothing is downloaded).
 
+Tokenizer files come from tokenizer_factories.py (the ``tokenizers_dir`` fixture of conftest.py).
+
 Every parameter is drawn at random (adaLN and final layers included, which training code zero-initialises),
 so that outputs depend on every weight and parity checks are not vacuous.
 """
@@ -14,8 +16,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from sd35_flash.flash_core.checkpoint import FlashMetadata, save_checkpoint
 from sd35_flash.flash_core.mmdit import MMDiT, MMDiTConfig
 from sd35_flash.flash_core.vae import SD3VAE, VAEConfig
-
-TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 
 # An SD3.5 Medium-shaped model at test size: a dual-attention layer, a plain one and the pre-only last block.
 TINY_MMDIT = MMDiTConfig(depth=3, hidden_size=64 * 3, pos_embed_max_size=16, dual_attention_layers=(0,),

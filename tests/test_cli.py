@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from sd35_flash.flash_core import cli
 from sd35_flash.flash_core.checkpoint import FlashMetadata
 
-from factories import TOKENIZERS, write_tiny_checkpoint
+from factories import write_tiny_checkpoint
 from workflow_check import check_graph
 
 
@@ -21,10 +21,9 @@ def checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "tiny.safetensors", metadata=meta)
 
 
-@pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
-def test_generate_writes_png_files(checkpoint, tmp_path, capsys):
+def test_generate_writes_png_files(checkpoint, tokenizers_dir, tmp_path, capsys):
     out = tmp_path / "img.png"
-    args = ["generate", "-c", str(checkpoint), "--tokenizers", str(TOKENIZERS), "-p", "a red circle",
+    args = ["generate", "-c", str(checkpoint), "--tokenizers", str(tokenizers_dir), "-p", "a red circle",
             "-o", str(out), "--width", "64", "--height", "32", "--seed", "7", "--quiet"]
     assert cli.main(args) == 0
     assert Image.open(out).size == (64, 32)
@@ -34,12 +33,11 @@ def test_generate_writes_png_files(checkpoint, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
 
 
-@pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
-def test_png_carries_the_comfyui_prompt_and_workflow(checkpoint, tmp_path):
+def test_png_carries_the_comfyui_prompt_and_workflow(checkpoint, tokenizers_dir, tmp_path):
     """Each PNG holds the ComfyUI graph of the run, in the chunks ComfyUI's SaveImage writes: dropped on ComfyUI,
     it opens the graph that makes the same image."""
     out = tmp_path / "cat.png"
-    assert cli.main(["generate", "-c", str(checkpoint), "--tokenizers", str(TOKENIZERS), "-p", "a red circle",
+    assert cli.main(["generate", "-c", str(checkpoint), "--tokenizers", str(tokenizers_dir), "-p", "a red circle",
                      "-o", str(out), "--width", "48", "--height", "32", "--seed", "11", "--steps", "2",
                      "--batch", "2", "--cfg", "2.5", "-n", "blurry", "--no-t5", "--quiet"]) == 0
     for path in (tmp_path / "cat_0.png", tmp_path / "cat_1.png"):
@@ -100,7 +98,7 @@ def test_out_must_be_png(checkpoint, tmp_path, capsys):
 def test_info_reports_architecture_components_and_metadata(checkpoint, capsys):
     assert cli.main(["info", str(checkpoint)]) == 0
     out = capsys.readouterr().out
-    for expected in ("official single file", "MM-DiT:", "custom MM-DiT-X", "depth: 3", "dual attention layers: 0\n",
+    for expected in ("official single file", "MM-DiT:", "custom MM-DiT-X", "depth: 3", "dual-attention layers: block 0 (1 of 3 blocks)\n",
                      "qk norm: RMSNorm", "VAE:", "latent channels: 16", "CLIP-L:", "CLIP-G:", "T5-XXL:",
                      "student_sigmas: [1.0, 0.9, 0.75, 0.5]", "sampler_mode: euler", "float32"):
         assert expected in out, expected

@@ -1,4 +1,5 @@
-"""FlashPipeline end to end on a small random-weight SD3.5-shaped checkpoint with the real tokenizers."""
+"""FlashPipeline end to end on a small random-weight SD3.5-shaped checkpoint with CLIP BPE and T5 SentencePiece
+tokenizer files made by the tests (tokenizer_factories.py)."""
 
 import numpy as np
 import pytest
@@ -11,9 +12,7 @@ from sd35_flash.flash_core.errors import CheckpointError, FlashError
 from sd35_flash.flash_core.pipeline import FlashPipeline
 from sd35_flash.flash_core.vae import process_out
 
-from factories import TOKENIZERS, tiny_clip_g, tiny_clip_l, tiny_mmdit, tiny_vae, write_tiny_checkpoint
-
-pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
+from factories import tiny_clip_g, tiny_clip_l, tiny_mmdit, tiny_vae, write_tiny_checkpoint
 
 W, H = 64, 48  # 8x6 latent: non-square
 
@@ -25,8 +24,8 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(checkpoint):
-    return FlashPipeline.from_checkpoint(checkpoint, tokenizers=TOKENIZERS, device="cpu")
+def pipe(checkpoint, tokenizers_dir):
+    return FlashPipeline.from_checkpoint(checkpoint, tokenizers=tokenizers_dir, device="cpu")
 
 
 def _pixels(images):
@@ -88,12 +87,12 @@ def test_cfg_and_renoise_and_teacher_schedules_run(pipe):
     assert steps_seen == [(i, 6) for i in range(1, 7)]
 
 
-def test_t5_is_not_loaded_when_off(checkpoint):
-    pipe = FlashPipeline.from_checkpoint(checkpoint, tokenizers=TOKENIZERS, use_t5=False, device="cpu")
+def test_t5_is_not_loaded_when_off(checkpoint, tokenizers_dir):
+    pipe = FlashPipeline.from_checkpoint(checkpoint, tokenizers=tokenizers_dir, use_t5=False, device="cpu")
     assert not pipe.text_encoder.has_t5
 
 
-def test_split_files_fill_a_diffusion_model_only_checkpoint(tmp_path):
+def test_split_files_fill_a_diffusion_model_only_checkpoint(tmp_path, tokenizers_dir):
     from factories import text_state_dict
 
     save_file(tiny_mmdit().state_dict(), str(tmp_path / "dit.safetensors"))
@@ -101,13 +100,13 @@ def test_split_files_fill_a_diffusion_model_only_checkpoint(tmp_path):
     save_file(text_state_dict(tiny_clip_l()), str(tmp_path / "clip_l.safetensors"))
     save_file(text_state_dict(tiny_clip_g()), str(tmp_path / "clip_g.safetensors"))
     with pytest.raises(CheckpointError, match="no VAE"):
-        FlashPipeline.from_checkpoint(tmp_path / "dit.safetensors", tokenizers=TOKENIZERS, device="cpu")
+        FlashPipeline.from_checkpoint(tmp_path / "dit.safetensors", tokenizers=tokenizers_dir, device="cpu")
     with pytest.raises(CheckpointError, match=r"vae\.safetensors' was given as the clip_l file"):
         FlashPipeline.from_checkpoint(tmp_path / "dit.safetensors", vae=tmp_path / "vae.safetensors",
-                                      clip_l=tmp_path / "vae.safetensors", tokenizers=TOKENIZERS, device="cpu")
+                                      clip_l=tmp_path / "vae.safetensors", tokenizers=tokenizers_dir, device="cpu")
     pipe = FlashPipeline.from_checkpoint(tmp_path / "dit.safetensors", vae=tmp_path / "vae.safetensors",
                                          clip_l=tmp_path / "clip_l.safetensors",
-                                         clip_g=tmp_path / "clip_g.safetensors", tokenizers=TOKENIZERS, device="cpu")
+                                         clip_g=tmp_path / "clip_g.safetensors", tokenizers=tokenizers_dir, device="cpu")
     assert pipe("x", width=W, height=H, progress=False)[0].size == (W, H)
 
 
@@ -118,8 +117,9 @@ def test_bad_sizes_and_modes_are_named(pipe):
         pipe("x", width=W, height=H, mode="ddim", progress=False)
 
 
-def _write_diffusers_folder(root, single_file):
-    """The same weights as ``single_file`` laid out as a diffusers SD3 folder, with its own tokenizers."""
+def _write_diffusers_folder(root, single_file, tokenizers):
+    """The same weights as ``single_file`` laid out as a diffusers SD3 folder, with its own tokenizers (copies of
+    ``tokenizers``' clip/ and t5xxl/)."""
     import shutil
 
     from safetensors.torch import load_file
@@ -137,12 +137,12 @@ def _write_diffusers_folder(root, single_file):
         save_file(sd, str(root / folder / f"{names.get(folder, 'model')}.safetensors"),
                   metadata=metadata if folder == "transformer" else None)
     for sub, source in (("tokenizer", "clip"), ("tokenizer_2", "clip"), ("tokenizer_3", "t5xxl")):
-        shutil.copytree(TOKENIZERS / source, root / sub)
+        shutil.copytree(tokenizers / source, root / sub)
     return root
 
 
-def test_diffusers_folder_gives_the_same_image_as_the_single_file(checkpoint, pipe, tmp_path):
-    folder = _write_diffusers_folder(tmp_path / "sd35-tiny", checkpoint)
+def test_diffusers_folder_gives_the_same_image_as_the_single_file(checkpoint, pipe, tokenizers_dir, tmp_path):
+    folder = _write_diffusers_folder(tmp_path / "sd35-tiny", checkpoint, tokenizers_dir)
     from_folder = FlashPipeline.from_checkpoint(folder, device="cpu")  # tokenizers from the folder itself
     assert from_folder.text_encoder.has_t5
     a = _pixels(pipe("a green triangle", seed=2, width=W, height=H, progress=False))

@@ -21,7 +21,7 @@ from sd35_flash.flash_core.memory import GIB, Tier, parse_budget, plan_memory
 from sd35_flash.flash_core.pipeline import FlashPipeline
 from sd35_flash.flash_core.text import build_t5
 
-from factories import TOKENIZERS, tiny_mmdit, tiny_t5, write_tiny_checkpoint
+from factories import tiny_mmdit, tiny_t5, write_tiny_checkpoint
 
 # Velocity error of the tiny random model vs its fp32 self, per format (measured 0.8 %, 3.6 %, 3.0 %, 15 %).
 VELOCITY_BOUND = {"int8": 0.015, "fp8": 0.06, "int6": 0.05, "int4": 0.25}
@@ -242,8 +242,8 @@ def test_quantized_t5_encodes_close_to_the_float_one():
     assert error < 0.02
 
 
-def test_generate_from_a_quantized_file_and_quantize_on_load(checkpoint, quantized_files, tmp_path):
-    args = ["--prompt", "a red circle", "--width", "64", "--height", "64", "--tokenizers", str(TOKENIZERS), "-q"]
+def test_generate_from_a_quantized_file_and_quantize_on_load(checkpoint, quantized_files, tokenizers_dir, tmp_path):
+    args = ["--prompt", "a red circle", "--width", "64", "--height", "64", "--tokenizers", str(tokenizers_dir), "-q"]
     assert main(["generate", "--checkpoint", str(quantized_files["int4"]), "--out", str(tmp_path / "a.png"),
                  *args]) == 0
     assert main(["generate", "--checkpoint", str(checkpoint), "--weights", "int8", "--out",
@@ -251,17 +251,17 @@ def test_generate_from_a_quantized_file_and_quantize_on_load(checkpoint, quantiz
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
 
 
-def test_quantize_on_load_equals_loading_the_quantized_file(checkpoint, quantized_files, inputs):
-    on_load = FlashPipeline.from_checkpoint(checkpoint, tokenizers=TOKENIZERS, weights="int6", dtype="fp32",
+def test_quantize_on_load_equals_loading_the_quantized_file(checkpoint, quantized_files, inputs, tokenizers_dir):
+    on_load = FlashPipeline.from_checkpoint(checkpoint, tokenizers=tokenizers_dir, weights="int6", dtype="fp32",
                                             device="cpu", quant_backend="dequant")
     from_file = load_mmdit(quantized_files["int6"])
     torch.testing.assert_close(on_load.mmdit(*inputs), from_file(*inputs))
     assert on_load.quant_report["mmdit"].startswith("int6, 29 layers")
 
 
-def test_a_quantized_file_is_not_requantized(quantized_files):
+def test_a_quantized_file_is_not_requantized(quantized_files, tokenizers_dir):
     with pytest.raises(FlashError, match="stores the mmdit in int8; it cannot be re-quantized to int4"):
-        FlashPipeline.from_checkpoint(quantized_files["int8"], tokenizers=TOKENIZERS, weights="int4")
+        FlashPipeline.from_checkpoint(quantized_files["int8"], tokenizers=tokenizers_dir, weights="int4")
 
 
 def _malform(src, dst, edit):
@@ -356,22 +356,22 @@ def test_memory_budget_parsing():
             parse_budget(bad, torch.device("cpu"))
 
 
-def test_generate_with_a_tight_budget_drops_t5_and_offloads(checkpoint, tmp_path, capsys):
+def test_generate_with_a_tight_budget_drops_t5_and_offloads(checkpoint, tokenizers_dir, tmp_path, capsys):
     files = index_checkpoint(checkpoint)
     from sd35_flash.flash_core.memory import activation_bytes, estimate
 
     acts = activation_bytes(files, width=64, height=64, batch=1, cfg=1.0, use_t5=False)
     budget = estimate(files, Tier(None, "off", True), dtype=torch.float32, activations=acts).peak
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a cat", "--width", "64", "--height",
-                 "64", "--tokenizers", str(TOKENIZERS), "-q", "--memory", str(budget / GIB),
+                 "64", "--tokenizers", str(tokenizers_dir), "-q", "--memory", str(budget / GIB),
                  "--out", str(tmp_path / "m.png")]) == 0
     err = capsys.readouterr().err
     assert "memory plan: MM-DiT as stored, T5 off (77 CLIP tokens), parts released after use" in err
     assert "estimated peak" in err and (tmp_path / "m.png").exists()
 
 
-def test_offloaded_pipeline_makes_the_same_image(checkpoint):
-    kw = {"tokenizers": TOKENIZERS, "dtype": "fp32", "device": "cpu"}
+def test_offloaded_pipeline_makes_the_same_image(checkpoint, tokenizers_dir):
+    kw = {"tokenizers": tokenizers_dir, "dtype": "fp32", "device": "cpu"}
     resident = FlashPipeline.from_checkpoint(checkpoint, **kw)
     offloaded = FlashPipeline.from_checkpoint(checkpoint, offload=True, **kw)
     args = {"seed": 3, "width": 64, "height": 64, "progress": False}

@@ -3,7 +3,6 @@ TOYWORLD.md). Fast by default (a few seconds each, one torch thread); the CI-siz
 
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -222,8 +221,10 @@ def test_conditioning_is_padded_like_sd35_with_t5_and_without(toy_tokenizers):
     torch.testing.assert_close(no_t5.encode(prompts)[0], off_context)
 
 
-def test_a_tokenizer_folder_declares_shorter_rows_and_real_files_keep_77(tmp_path, toy_tokenizers):
-    """The build's tokenizer declares 12-token rows; the same prompts give the same leading tokens and features."""
+def test_a_tokenizer_folder_declares_shorter_rows_and_real_files_keep_77(tmp_path, toy_tokenizers, tokenizers_dir):
+    """The build's tokenizer declares 12-token rows; the same prompts give the same leading tokens and features.
+    CLIP BPE and T5 SentencePiece files (tokenizers_dir) keep 77 and 77: their model_max_length (8192 in
+    ComfyUI's copy of CLIP's, 512 in T5's) is the tokenizer's limit, not a row length."""
     short = load_tokenizers(tokenizer.save_tokenizers(tmp_path / "short", clip_length=12, t5_length=10))
     assert (short.clip_length, short.t5_length) == (12, 10)
     assert (toy_tokenizers.clip_length, toy_tokenizers.t5_length) == (77, 77)
@@ -236,10 +237,12 @@ def test_a_tokenizer_folder_declares_shorter_rows_and_real_files_keep_77(tmp_pat
     torch.testing.assert_close(context[:, :12], long_context[:, :12])
     with pytest.raises(ValueError, match="t5_length"):
         tokenizer.save_tokenizers(tmp_path / "bad", t5_length=1)
-    shared = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
-    if shared.is_dir():  # the real CLIP BPE and T5 files: their model_max_length is not a row length
-        real = load_tokenizers(shared)
-        assert (real.clip_length, real.t5_length) == (77, 77)
+    bpe = load_tokenizers(tokenizers_dir)
+    assert (bpe.clip_l.model_max_length, bpe.t5.model_max_length) == (8192, 512)
+    assert (bpe.clip_length, bpe.t5_length) == (77, 77)
+    long_prompt = " ".join(["a red circle"] * 40)  # 120 words: longer than a row, shorter than 512
+    assert tokenize_clip(bpe.clip_l, [long_prompt], pad_id=0, length=bpe.clip_length).shape == (1, 77)
+    assert tokenize_t5(bpe.t5, [long_prompt], bpe.t5_length).shape == (1, 77)
 
 
 def test_distinct_prompts_get_distinct_conditioning(toy_tokenizers):

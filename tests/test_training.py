@@ -25,14 +25,17 @@ from sd35_flash.training.data import TeacherData, make_teacher_data
 from sd35_flash.training.split import RoutedMMDiT
 from sd35_flash.training.trainer import Trainer, World, run_stages
 
-from factories import TOKENIZERS, tiny_mmdit, write_tiny_checkpoint
+from factories import tiny_mmdit, write_tiny_checkpoint
+from tokenizer_factories import write_tokenizers
 
-pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
+# The self-made tokenizer files (tokenizer_factories.py), passed explicitly; not named "tokenizers", the folder a
+# checkpoint beside it would pick up by itself.
+TOKENIZER_FOLDER = "tokenizer_files"
 
 
 def base_config(root: Path, **sections) -> dict:
     config = {
-        "model": {"teacher": str(root / "teacher.safetensors"), "tokenizers": str(TOKENIZERS)},
+        "model": {"teacher": str(root / "teacher.safetensors"), "tokenizers": str(root / TOKENIZER_FOLDER)},
         "data": {"prompts": str(root / "prompts.txt"), "dir": str(root / "data"), "samples_per_prompt": 2,
                  "teacher_steps": 8, "width": 32, "height": 32, "shard_size": 4},
         "train": {"out": str(root / "run"), "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
@@ -47,9 +50,10 @@ def base_config(root: Path, **sections) -> dict:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    """A tiny teacher, prompts, and its teacher data (made through the CLI's data stage)."""
+    """A tiny teacher, its tokenizers, prompts, and its teacher data (made through the CLI's data stage)."""
     root = tmp_path_factory.mktemp("train")
     write_tiny_checkpoint(root / "teacher.safetensors")
+    write_tokenizers(root / TOKENIZER_FOLDER)
     (root / "prompts.txt").write_text("a red circle\na blue square\n\na green triangle\n")
     (root / "config.toml").write_text(to_toml(config_from_dict(base_config(root))))
     assert train_main([str(root / "config.toml"), "--stage", "data", "--quiet"]) == 0
@@ -66,7 +70,8 @@ def test_teacher_data_is_complete_and_rerun_skips_finished_shards(root):
     shard = root / "data" / "shard_00000.safetensors"
     before = shard.stat().st_mtime_ns
     config = load_config(root / "config.toml")
-    pipe = FlashPipeline.from_checkpoint(config.model.teacher, tokenizers=TOKENIZERS, dtype="fp32", device="cpu")
+    pipe = FlashPipeline.from_checkpoint(config.model.teacher, tokenizers=config.model.tokenizers, dtype="fp32",
+                                         device="cpu")
     make_teacher_data(config, pipe, progress=False)
     assert shard.stat().st_mtime_ns == before  # recorded shards are not made again
 
@@ -88,7 +93,7 @@ def test_teacher_data_does_not_depend_on_the_sample_batch_and_resumes_exactly(ro
     def config(name: str, sample_batch: int):
         return config_from_dict(base_config(root, data={"dir": str(tmp_path / name), "sample_batch": sample_batch}))
 
-    pipe = FlashPipeline.from_checkpoint(root / "teacher.safetensors", tokenizers=TOKENIZERS, dtype="fp32",
+    pipe = FlashPipeline.from_checkpoint(root / "teacher.safetensors", tokenizers=root / TOKENIZER_FOLDER, dtype="fp32",
                                          device="cpu")
     reference = load_shards(root / "data")
     make_teacher_data(config("whole", 3), pipe, progress=False)
@@ -153,7 +158,7 @@ def test_all_stages_make_a_checkpoint_that_generates(root, tmp_path):
     key = "joint_blocks.0.x_block.mlp.fc1.weight"
     assert torch.allclose(component_state_dict(files, "mmdit")[key], 0.5 * high[key] + 0.5 * low[key], atol=1e-6)
     assert (tmp_path / "run" / "config.toml").exists() and (tmp_path / "run" / "log_dmd.csv").exists()
-    pipe = FlashPipeline.from_checkpoint(merged, tokenizers=TOKENIZERS, dtype="fp32", device="cpu")
+    pipe = FlashPipeline.from_checkpoint(merged, tokenizers=root / TOKENIZER_FOLDER, dtype="fp32", device="cpu")
     image = pipe("a red circle", steps=4, seed=0, width=32, height=32, progress=False)[0]
     assert image.size == (32, 32)
 

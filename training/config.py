@@ -295,13 +295,35 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     return config
 
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a config is a page of TOML; anything larger is the wrong file
+
+
+def read_config_text(path: Path) -> str:
+    """The config file's text: a :class:`ConfigError` naming the file when it is missing, unreadable, a folder,
+    too large, or not UTF-8 text (a binary file given by mistake)."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; expected a TOML config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; expected a TOML config file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a TOML config file (not UTF-8 text: byte 0x{raw[e.start]:02x} at "
+                          f"offset {e.start})") from None
+
+
 def load_config(path: str | Path) -> Config:
     """Parse and validate a TOML config file."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        data = tomllib.loads(read_config_text(path))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return config_from_dict(data, str(path))

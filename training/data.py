@@ -11,15 +11,14 @@ temporary name and renamed, then recorded in the manifest (also written atomical
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from ..flash_core.atomic import atomic_write
 from ..flash_core.checkpoint import atomic_save
 from ..flash_core.errors import FlashError
 from ..flash_core.pipeline import check_size
@@ -60,12 +59,25 @@ def latent_shape(config: Config, downscale: int) -> tuple[int, int, int]:
     return (LATENT_CHANNELS, config.data.height // downscale, config.data.width // downscale)
 
 
+def _read_text(path: Path, what: str, expected: str) -> str:
+    """A UTF-8 text file, or a :class:`ConfigError` naming ``what`` and the file (missing, unreadable, binary)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: no such file '{path}'") from None
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read '{path}' ({e.strerror or e}); expected {expected}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what}: '{path}' is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          f"expected {expected}") from None
+
+
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
-    try:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise ConfigError(f"data.prompts: no such file '{path}'") from None
+    text = _read_text(path, "data.prompts", "a text file of prompts, one per line")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError(f"data.prompts: '{path}' holds no prompts (one per line expected)")
     return prompts
@@ -81,10 +93,43 @@ def conditioning_widths(text_encoder) -> tuple[int, int, int]:
 
 
 def _write_json(path: Path, value) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    """Write ``value`` as JSON, whole or not at all (flash_core/atomic.py)."""
+    text = json.dumps(value, indent=1)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+_MANIFEST_FIELDS = {"settings": dict, "prompts": list, "sigmas": list, "latent": list, "clip_width": int,
+                    "clip_l_width": int, "t5_width": int, "count": int, "shards": list}
+
+
+def _check_shard(path: Path, shard) -> None:
+    """A manifest's shard record: ``{"file": a plain file name, "first": int, "count": int}``."""
+    if not (isinstance(shard, dict) and isinstance(shard.get("file"), str)
+            and isinstance(shard.get("first"), int) and isinstance(shard.get("count"), int)):
+        raise ConfigError(f"{path}: a shard record is {str(shard)[:80]!r}; expected {{file, first, count}}")
+    name = shard["file"]
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ConfigError(f"{path}: shard file {name!r} is not a plain file name in the data folder")
+
+
+def read_manifest(path: Path) -> dict:
+    """The teacher-data index (``manifest.json``), checked: a :class:`ConfigError` naming the file when it is
+    not one (binary, not JSON, another format, missing fields, shard names outside the folder)."""
+    text = _read_text(path, "teacher data", "the teacher-data manifest written by the data stage")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected the teacher-data "
+                          "manifest written by the data stage") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ConfigError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    for key, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise ConfigError(f"{path}: '{key}' is missing or not a {kind.__name__}")
+    for shard in manifest["shards"]:
+        _check_shard(path, shard)
+    return manifest
 
 
 class _Progress:
@@ -161,7 +206,7 @@ def make_teacher_data(config: Config, pipe, progress: bool = True, callback=None
     settings = {k: getattr(config.data, k) for k in ("teacher_steps", "teacher_cfg", "negative", "shift", "width",
                                                      "height", "shard_size", "seed", "samples_per_prompt")}
     manifest_path = out / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    manifest = read_manifest(manifest_path) if manifest_path.exists() else None
     if manifest is not None and (manifest["settings"] != settings or manifest["prompts"] != prompts):
         raise ConfigError(f"{manifest_path}: holds data made with other settings or prompts; use a new data.dir")
     if manifest is None:
@@ -220,6 +265,18 @@ def _make_shard(pipe, config, prompts, indices, shape, path, keep, widths, has_t
     return {k: torch.cat(v).contiguous() for k, v in rows.items() if v}
 
 
+def read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """A teacher-data safetensors file's tensors, or a :class:`ConfigError` naming it (missing, not safetensors)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing; rerun the data stage (--stage data) to remake it") from None
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"{path}: not a teacher-data safetensors file ({str(e)[:120]}); rerun the data "
+                          "stage in a new data.dir") from None
+
+
 def pad_context(clip: torch.Tensor, t5: torch.Tensor | None) -> torch.Tensor:
     """Unpadded CLIP (and T5) parts -> the SD3 context ``[B, 77 (+T), 4096]``."""
     parts = [torch.nn.functional.pad(clip, (0, CONTEXT_DIM - clip.shape[-1]))]
@@ -244,18 +301,14 @@ class TeacherData:
         manifest_path = folder / MANIFEST
         if not manifest_path.exists():
             raise ConfigError(f"{folder}: no {MANIFEST}; run the data stage first (--stage data)")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise ConfigError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        manifest = read_manifest(manifest_path)
         if sum(s["count"] for s in manifest["shards"]) != manifest["count"]:
             raise ConfigError(f"{manifest_path}: the data is incomplete; rerun the data stage to finish it")
         parts: dict[str, list[torch.Tensor]] = {}
         for shard in sorted(manifest["shards"], key=lambda s: s["first"]):
-            with safe_open(str(folder / shard["file"]), framework="pt") as f:
-                for key in f.keys():
-                    parts.setdefault(key, []).append(f.get_tensor(key))
-        with safe_open(str(folder / "uncond.safetensors"), framework="pt") as f:
-            uncond = {key: f.get_tensor(key) for key in f.keys()}
+            for key, tensor in read_shard(folder / shard["file"]).items():
+                parts.setdefault(key, []).append(tensor)
+        uncond = read_shard(folder / "uncond.safetensors")
         return cls(manifest["sigmas"], {k: torch.cat(v) for k, v in parts.items()}, uncond,
                    manifest["clip_l_width"], manifest["t5_width"] > 0)
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..flash_core.atomic import atomic_write
 from ..flash_core.checkpoint import (
     CheckpointFiles,
     FlashMetadata,
@@ -45,6 +46,7 @@ from ..flash_core.schedule import (
     sigma_to_timestep,
     teacher_sigmas,
 )
+from ..flash_core.tokenizer_files import written_tokenizer_metadata
 from ..flash_core.vae import process_out
 from . import objectives as obj
 from .config import Config, ConfigError, OptimConfig, teacher_architecture, to_toml
@@ -193,12 +195,13 @@ class CSVLog:
         added = [k for k in values if k not in header]
         if added:
             header = [*header, *added]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=header, restval="")
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, self.path)
+            def write(tmp: Path) -> None:
+                with tmp.open("w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=header, restval="")
+                    writer.writeheader()
+                    writer.writerows(rows)
+
+            atomic_write(self.path, write)
         return header
 
 
@@ -691,20 +694,25 @@ class Trainer:
     def save_output(self, name: str, mmdit, iterations: int, stage: str | None = None, parts_from: str = "",
                     student: bool = True) -> Path:
         """An official-layout checkpoint: the MM-DiT plus the VAE and text encoders of ``parts_from`` (default:
-        the teacher's). A student's metadata carries its grid and sampler mode; a teacher's carries neither."""
+        the teacher's). A student's metadata carries its grid and sampler mode; a teacher's carries neither. The
+        tokenizers those text encoders read (``model.tokenizers``, else the source's own) travel in the metadata
+        when they are project-made (:func:`..flash_core.tokenizer_files.written_tokenizer_metadata`)."""
         path = self.stage_output(name)
         state = mmdit.state_dict() if isinstance(mmdit, torch.nn.Module) else mmdit
         state = {k: whole(v) for k, v in state.items()}  # gathers FSDP shards: every rank takes part
         if not self.world.main:
             return path
-        source = index_checkpoint(parts_from or self.config.model.teacher)
+        source_path = parts_from or self.config.model.teacher
+        source = index_checkpoint(source_path)
         parts = {c: component_state_dict(source, c) for c in ("vae", "clip_l", "clip_g", "t5") if source.has(c)}
         config = getattr(mmdit, "config", None) or MMDiTConfig.from_state_dict(state)
         metadata = FlashMetadata(
             architecture=config.to_dict(), student_sigmas=self.student_grid() if student else None,
             sampler_mode=self.config.student.sampler_mode if student else None, t5=T5_CONVENTION,
             training={"stage": stage or name, "iterations": iterations, "config_hash": self.config.hash()})
-        return save_checkpoint(path, mmdit={k: v.float() for k, v in state.items()}, metadata=metadata, **parts)
+        tokenizers = written_tokenizer_metadata(source_path, source.metadata, self.config.model.tokenizers or None)
+        return save_checkpoint(path, mmdit={k: v.float() for k, v in state.items()}, **parts, metadata=metadata,
+                               extra_metadata=tokenizers)
 
 
 def image_grid(images: list, columns: int | None = None):

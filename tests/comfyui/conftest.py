@@ -38,3 +38,16 @@ def comfy():
     import comfy.ops  # noqa: F401  (imports model_management with --cpu in force)
 
     return comfy
+
+
+@pytest.fixture(scope="session")
+def comfy_tokenizers() -> Path:
+    """The ComfyUI root, as a tokenizer path: ``load_tokenizers`` reads the tokenizers ComfyUI bundles and its SD3
+    CLIP uses (comfy/sd1_tokenizer: CLIP's BPE for CLIP-L and CLIP-G; comfy/text_encoders/t5_tokenizer: T5's)."""
+    from sd35_flash.flash_core.text import find_tokenizer_dirs
+
+    root = Path(COMFYUI_ROOT)
+    dirs = find_tokenizer_dirs(root)
+    assert dirs.clip_l == dirs.clip_g == root / "comfy" / "sd1_tokenizer", dirs
+    assert dirs.t5 == root / "comfy" / "text_encoders" / "t5_tokenizer", dirs
+    return root

@@ -26,7 +26,7 @@ from sd35_flash.flash_core.quant import (
     write_schemes,
 )
 
-from factories import TINY_MMDIT, TOKENIZERS, write_tiny_checkpoint
+from factories import TINY_MMDIT, write_tiny_checkpoint
 
 DENSE = "quant_dense.safetensors"
 PROMPT = "a red circle at the top left"
@@ -124,8 +124,7 @@ def packed_layers(model) -> dict:
 # ------------------------------------------------------------------------------------------------ (a) CLI parity
 
 
-@pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
-def test_flash_loader_int8_makes_the_engines_int8_image(folder):
+def test_flash_loader_int8_makes_the_engines_int8_image(folder, comfy_tokenizers):
     from comfy_extras.nodes_sd3 import EmptySD3LatentImage
 
     import nodes
@@ -141,7 +140,7 @@ def test_flash_loader_int8_makes_the_engines_int8_image(folder):
         (image,) = nodes.VAEDecode().decode(vae, samples)
     ours_image = np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)  # as SaveImage writes it
 
-    pipe = FlashPipeline.from_checkpoint(folder / DENSE, tokenizers=TOKENIZERS, dtype="fp32", device="cpu")
+    pipe = FlashPipeline.from_checkpoint(folder / DENSE, tokenizers=comfy_tokenizers, dtype="fp32", device="cpu")
     replaced = quantize_module(pipe.mmdit, QuantScheme.default("mmdit", "int8"))
     engine = np.asarray(pipe(PROMPT, steps=4, seed=7, width=96, height=64, mode="euler",
                              progress=False)[0].convert("RGB"))
@@ -343,7 +342,6 @@ def test_refusals_say_what_to_do(folder):
         quantize_node(SimpleNamespace(model=torch.nn.Module()), "int8")
 
 
-@pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
 def test_a_quantized_t5_loads_unpacked_and_encodes_like_the_float_one(folder):
     import nodes
     from sd35_flash.flash_core.cli import main

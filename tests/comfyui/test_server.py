@@ -29,7 +29,7 @@ from sd35_flash.flash_core import cli
 from sd35_flash.flash_core.checkpoint import FlashMetadata, save_checkpoint
 from sd35_flash.flash_core.mmdit import MMDiTConfig
 
-from factories import TOKENIZERS, text_state_dict, tiny_clip_g, tiny_clip_l, tiny_mmdit, tiny_t5, tiny_vae
+from factories import text_state_dict, tiny_clip_g, tiny_clip_l, tiny_mmdit, tiny_t5, tiny_vae
 
 REPO = Path(__file__).resolve().parents[2]
 PACK = "ComfyUI-SD35-Flash"
@@ -147,8 +147,9 @@ def saved_images(server, entry: dict) -> list[Path]:
 
 
 def test_every_pack_node_registers_without_import_errors(server):
-    log = server["log"].read_text()
-    assert "IMPORT FAILED" not in log and PACK in log
+    pack_lines = [line for line in server["log"].read_text().splitlines() if PACK in line]
+    # only the pack's own lines: ComfyUI's unrelated import failures (its audio nodes without torchaudio) are not ours
+    assert pack_lines and not [line for line in pack_lines if "IMPORT FAILED" in line or "Cannot import" in line]
     info = get(f"{server['url']}/object_info")
     for name in NODE_CLASS_MAPPINGS:
         assert name in info, name
@@ -156,6 +157,8 @@ def test_every_pack_node_registers_without_import_errors(server):
     assert "tiny_flash.safetensors" in info["SD35FlashCheckpointLoader"]["input"]["required"]["ckpt_name"][0]
     extensions = get(f"{server['url']}/extensions")
     assert f"/extensions/{PACK}/js/sd35_flash.js" in extensions
+    for script in ("sd35_flash.js", "train_chart_ext.js"):  # served once: each would register its extension twice
+        assert sum(url.endswith(f"/js/{script}") for url in extensions) == 1, extensions
 
 
 def test_example_workflows_are_listed_as_templates(server):
@@ -198,11 +201,10 @@ def test_example_workflow_runs_to_a_saved_image(server, path):
         assert reports[0]["info"]["architecture"].startswith("custom MM-DiT-X")
 
 
-@pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"tokenizer files not found at {TOKENIZERS}")
-def test_the_graph_in_a_cli_png_makes_the_same_image(server, tmp_path):
+def test_the_graph_in_a_cli_png_makes_the_same_image(server, comfy_tokenizers, tmp_path):
     checkpoint = server["base"] / "models" / "checkpoints" / "tiny_flash.safetensors"
     out = tmp_path / "cli.png"
-    assert cli.main(["generate", "-c", str(checkpoint), "--tokenizers", str(TOKENIZERS), "-p", "a blue square",
+    assert cli.main(["generate", "-c", str(checkpoint), "--tokenizers", str(comfy_tokenizers), "-p", "a blue square",
                      "-o", str(out), "--width", "128", "--height", "96", "--seed", "11", "--dtype", "fp32",
                      "--device", "cpu", "--quiet"]) == 0
     prompt = json.loads(Image.open(out).text["prompt"])

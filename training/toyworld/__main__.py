@@ -7,11 +7,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ...flash_core.atomic import Terminated, sigterm_raises
+from ...flash_core.cli import OneLineParser, one_line
+from ...flash_core.errors import FlashError
+from ...flash_core.threads import AUTO, load_average, parse_threads, set_threads, usable_cores
 from .build import PRESETS, STAGES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sd35_flash.training.toyworld",
+    parser = OneLineParser(prog="python -m sd35_flash.training.toyworld",
                                      description="Rebuild the toy world: data, tokenizer, encoders, VAE, evaluator, "
                                                  "teacher, teacher data, students and the demo model.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
@@ -22,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--until", choices=list(STAGES), help="stop after this stage")
     parser.add_argument("--seeds", type=int, default=None,
                         help="training seeds of the quality table's variant runs (default: the preset's, 3)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default: torch's choice; TOYWORLD.md: 1-2 on a shared 2-core CPU)")
+    parser.add_argument("--threads", type=parse_threads, default=AUTO, metavar="auto|N",
+                        help="torch CPU threads per process (default auto: one core left free and none of the cores "
+                             "the load average says are busy; torch's own default collapses on a shared CPU)")
     parser.add_argument("--install-demo", nargs="?", const=True, default=None, metavar="DIR",
                         help="then copy the demo model, its tokenizers, sample and model card into DIR (default: "
                              "this package's demo/ folder, what `sd35-flash generate` uses with no checkpoint)")
@@ -31,24 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import torch
-
-    from ...flash_core.cli import one_line
-    from ...flash_core.errors import FlashError
+def run(args: argparse.Namespace) -> int:
+    """The build; expected failures are one stderr line and status 2, a stop (Ctrl-C, SIGTERM) one line too."""
     from ..config import ConfigError
     from .build import build
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
+    if not args.quiet:
+        print(f"torch threads: {threads} ({usable_cores()} cores, load average {load_average():.1f})",
+              file=sys.stderr)
     try:
         build(args.out, args.preset, progress=not args.quiet, resume=args.resume, until=args.until,
               seeds=args.seeds, install=args.install_demo)
-    except (ConfigError, FlashError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FlashError, OSError, ValueError) as e:
         print(f"toyworld build: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"toyworld build: stopped; --resume continues the build in {args.out}", file=sys.stderr)
+        return 128 + Terminated.signum if isinstance(e, Terminated) else 130
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with sigterm_raises():  # SIGTERM unwinds like Ctrl-C: temporary files are removed
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ...flash_core.checkpoint import FlashMetadata, component_state_dict, index_checkpoint, save_checkpoint
+from ...flash_core.tokenizer_files import written_tokenizer_metadata
 from ..config import config_from_dict, to_toml
 from ..trainer import Trainer, World, image_grid, run_stages
 from . import encoders, evaluator, tokenizer, world
@@ -447,7 +448,7 @@ def stage_table(b: Build) -> dict:
     samples a row, with a sample grid per row in ``quality/``."""
     from .quality import evaluate_build
 
-    result = evaluate_build(b.out, b.preset.eval_samples, grids=True, log=lambda _: None)
+    result = evaluate_build(b.out, b.preset.eval_samples, grids=True, log=lambda _: None, progress=b.progress)
     means = {r["key"]: {m: sum(v) / len(v) for m, v in r["metrics"].items() if m in ("fd_t", "paired_mse")}
              for r in result["rows"]}
     return {"samples": result["samples"], "rows": means,
@@ -495,7 +496,8 @@ def stage_demo(b: Build) -> dict:
                      "toyworld_preset": b.preset.name, "seed": b.preset.seed, "table_row": row}
     folder = b.path("demo")
     parts = {c: component_state_dict(files, c) for c in ("mmdit", "vae", "clip_l", "clip_g", "t5") if files.has(c)}
-    path = save_checkpoint(folder / DEMO_NAME, metadata=meta, **parts)
+    tokenizers = written_tokenizer_metadata(source, files.metadata, b.path("tokenizers"))  # they travel with it
+    path = save_checkpoint(folder / DEMO_NAME, metadata=meta, extra_metadata=tokenizers, **parts)
     shutil.copytree(b.path("tokenizers"), folder / "tokenizers", dirs_exist_ok=True)
     pipe = FlashPipeline.from_checkpoint(path, tokenizers=folder / "tokenizers", device="cpu", dtype="fp32")
     image = pipe(DEMO_PROMPT, steps=4, seed=0, width=world.IMAGE_SIZE, height=world.IMAGE_SIZE, progress=False)[0]
@@ -513,15 +515,40 @@ def demo_folder() -> Path:
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
+    """Copy ``source`` to ``target`` whole or not at all, with the umask's permissions (flash_core/atomic.py)."""
+    from ...flash_core.atomic import atomic_write
+
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def prompt_guide(text_length: int) -> list[str]:
+    """The model card's "Prompts it understands": the caption grammar (:mod:`.world`) and the tokenizer's
+    vocabulary (:func:`.world.vocabulary`, the words of ``tokenizers/*/tokenizer.json``), written from the code so
+    that a rebuild keeps them true."""
+    single = f"a {world.COLOURS[0]} {world.SHAPES[0]} {world.POSITION_PHRASES['center']}"
+    sized = f"a {world.SIZES[1]} {world.COLOURS[4]} {world.SHAPES[1]} {world.POSITION_PHRASES['top']}"
+    pair = f"a {world.COLOURS[0]} {world.SHAPES[0]} {world.RELATIONS['horizontal'][0]} a {world.COLOURS[4]} " \
+           f"{world.SHAPES[1]}"
+    relations = [r for pair_ in world.RELATIONS.values() for r in pair_]
+    words = world.vocabulary()
+    return [
+        "## Prompts it understands", "",
+        "Its text encoders and MM-DiT learned one small caption grammar, read by a word-level tokenizer:",
+        "",
+        f"* one object: `a [{' | '.join(world.SIZES)}] <colour> <shape> <position>`, e.g. \"{single}\", "
+        f"\"{sized}\";",
+        f"* two objects: `a <colour> <shape> <relation> a <colour> <shape>`, e.g. \"{pair}\".", "",
+        f"Colours: {', '.join(world.COLOURS)}. Shapes: {', '.join(world.SHAPES)}. Positions: "
+        f"{', '.join(world.POSITION_PHRASES.values())}. Relations: {', '.join(relations)}.", "",
+        f"Vocabulary ({len(words)} words; text is lower-cased): {', '.join(words)}. Any other word, and any "
+        "punctuation, is the tokenizer's unknown token: `sd35-flash generate` and `FlashPipeline` warn, naming it. "
+        f"Token rows are {text_length} long (start, up to {text_length - 2} words, end), for CLIP and T5 alike.", "",
+    ]
 
 
 def model_card(b: Build) -> str:
-    """``demo/README.md``: what the demo model is, how it was made and how it measures (when the build has its
-    quality table)."""
+    """``demo/README.md``: what the demo model is, how it was made, how it measures (when the build has its
+    quality table) and which prompts it understands (:func:`prompt_guide`)."""
     demo = b.record["stages"]["demo"]
     stages = b.record["stages"]
     minutes = sum(r["seconds"] for r in stages.values()) / 60
@@ -548,6 +575,7 @@ def model_card(b: Build) -> str:
                       f"{'the mean of its ' + str(seeds) + ' training seeds, this file being the first' if seeds > 1 else 'one training seed'}): FD_T "
                       f"{mean('fd_t'):.2f}, paired MSE {mean('paired_mse'):.4f}, FD to real images "
                       f"{mean('fd_real'):.2f}, all attributes right {100 * mean('acc_all'):.1f} %.", ""]
+    lines += prompt_guide(b.preset.text_length)
     return "\n".join(lines)
 
 

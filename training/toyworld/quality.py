@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from ...flash_core.pipeline import Conditioning, FlashPipeline, latents_to_images
 from ...flash_core.vae import process_out
@@ -140,15 +141,17 @@ def load_pipeline(checkpoint, tokenizers: str | Path, boundary: float | None = N
 
 @torch.no_grad()
 def generate(pipe: FlashPipeline, prompts: Sequence[str], steps: int, cfg: float = 1.0, use_t5: bool = True,
-             chunk: int = CHUNK, noise_seed: int = NOISE_SEED) -> torch.Tensor:
+             chunk: int = CHUNK, noise_seed: int = NOISE_SEED, progress: str | None = None) -> torch.Tensor:
     """Decoded images ``[N, 3, 16, 16]`` in [-1, 1] for ``prompts``, call ``j`` (rows ``j*chunk ...``) with noise
-    seed ``noise_seed + j`` (ComfyUI's batch noise), negative prompt empty when ``cfg != 1``."""
+    seed ``noise_seed + j`` (ComfyUI's batch noise), negative prompt empty when ``cfg != 1``. ``progress``: the
+    label of a bar over the calls (none when None)."""
     out = []
     negative = pipe.encode_prompt([world.NULL_PROMPT], use_t5) if cfg != 1.0 else None
     unique = list(dict.fromkeys(prompts))  # encode each distinct prompt once (the encoders are deterministic)
     encoded = pipe.encode_prompt(unique, use_t5)
     index = torch.tensor([unique.index(p) for p in prompts])
-    for j, start in enumerate(range(0, len(prompts), chunk)):
+    starts = range(0, len(prompts), chunk)
+    for j, start in enumerate(tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False)):
         rows = index[start:start + chunk]
         cond = Conditioning(encoded.context[rows], encoded.pooled[rows])
         uncond = negative.repeat(len(rows)) if negative is not None else None
@@ -235,8 +238,9 @@ def reference_key(teacher: Path, classifier_path: Path, samples: int, cfg: float
 
 
 def reference(build_dir: str | Path, classifier: evaluator.AttributeClassifier, samples: int,
-              log: Callable[[str], None] = print) -> Reference:
-    """The reference set of ``samples`` samples, from the cache when its key matches, else made and cached."""
+              log: Callable[[str], None] = print, progress: bool = False) -> Reference:
+    """The reference set of ``samples`` samples, from the cache when its key matches, else made and cached
+    (``progress``: a bar over the teacher's sampling)."""
     b = Path(build_dir)
     v = read_record(b)["stages"]["variants"]
     teacher, cfg = b / v["teacher"], float(v["teacher_cfg"])
@@ -253,7 +257,7 @@ def reference(build_dir: str | Path, classifier: evaluator.AttributeClassifier, 
                                  json.loads(meta["real_accuracy"]), float(meta["floor"]), cached=True)
     tic = time.perf_counter()
     pipe = load_pipeline(teacher, b / v["tokenizers"])
-    images = generate(pipe, prompts, REFERENCE_STEPS, cfg, True)
+    images = generate(pipe, prompts, REFERENCE_STEPS, cfg, True, progress="teacher reference" if progress else None)
     real = world.sample_for_prompts(evaluator.repeat_prompts(world.EVAL_PROMPTS, 2 * samples), REAL_SEED)
     real_features = classifier.features(real.images)
     real_accuracy = evaluator.attribute_accuracy(classifier.predict(real.images),
@@ -303,22 +307,23 @@ def evaluate_row(row: Row, ref: Reference, classifier: evaluator.AttributeClassi
 
 
 def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = True,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Every row of :func:`table_rows` measured on ``samples`` fixed samples; writes ``DIR/quality/table.json``,
-    ``table.md`` and (``grids``) one grid PNG per row plus ``real.png``. Trains nothing."""
+    ``table.md`` and (``grids``) one grid PNG per row plus ``real.png``. Trains nothing. ``progress``: a bar over
+    the reference and the rows."""
     from .build import load_classifier
 
     b = Path(build_dir)
     rows = table_rows(b)
     tokenizers = b / read_record(b)["stages"]["variants"]["tokenizers"]
     classifier = load_classifier(b / "evaluator.safetensors")
-    ref = reference(b, classifier, samples, log)
+    ref = reference(b, classifier, samples, log, progress)
     folder = b / "quality"
     if grids:
         folder.mkdir(parents=True, exist_ok=True)
         real_grid().save(folder / "real.png")
     results = []
-    for row in rows:
+    for row in tqdm(rows, desc="quality table", unit="row", disable=not progress):
         result = evaluate_row(row, ref, classifier, tokenizers, folder / f"{row.key}.png" if grids else None)
         results.append(result)
         log(f"{row.key}: {result['seconds']:.1f} s")
