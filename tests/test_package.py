@@ -73,3 +73,30 @@ def test_requirements_txt_lists_the_dependencies_but_torch():
               if line.strip() and not line.startswith("#")]
     normalise = {d.replace("'", '"').replace(" ", "") for d in declared if not d.startswith("torch")}
     assert {line.replace(" ", "") for line in listed} == normalise
+
+
+def test_the_web_extension_is_served_once():
+    """ComfyUI serves a pack's WEB_DIRECTORY under the folder's name and a pyproject ``[tool.comfy] web`` folder
+    under the project's name: with both, every extension would register twice ("already registered")."""
+    import tomllib
+
+    import sd35_flash
+
+    comfy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]
+    assert sd35_flash.WEB_DIRECTORY and "web" not in comfy
+
+
+def test_the_demo_data_is_declared_as_setuptools_expects():
+    """Every folder of data files the wheel ships is a declared (namespace) package with its package data, so
+    ``pip install`` prints no "Package would be ignored" warnings and the wheel carries the demo."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = {path.parent for path in (ROOT / "demo").rglob("*") if path.is_file()}
+    for folder in shipped:
+        package = ".".join(("sd35_flash", *folder.relative_to(ROOT).parts))
+        assert package in setuptools["packages"], package
+        patterns = setuptools["package-data"][package]
+        for path in folder.iterdir():
+            if path.is_file():
+                assert any(path.match(pattern) for pattern in patterns), path
