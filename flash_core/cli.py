@@ -11,7 +11,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .atomic import Terminated, atomic_write, check_destination, sigterm_raises
@@ -369,25 +369,33 @@ def out_of_memory(err: BaseException) -> bool:
             or "can't allocate memory" in str(err))
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Run the subcommand; every expected failure becomes one stderr line and status 2."""
+EXPECTED_ERRORS = (FlashError, ValueError, OSError)
+
+
+def run_guarded(prog: str, work: Callable[[], int], stopped: str = "") -> int:
+    """``work()``, with every expected failure as one stderr line: an error (:data:`EXPECTED_ERRORS`, or running
+    out of memory) status 2, SIGTERM 143, Ctrl-C 130; ``stopped`` is added to the line of a stop (what to do next).
+    The entry points of ``sd35-flash``, ``sd35-flash-train`` and the toy-world build share it."""
     try:
-        return COMMANDS[args.command](args)
-    except (FlashError, ValueError, OSError) as err:
-        print(f"sd35-flash: error: {one_line(err)}", file=sys.stderr)
+        return work()
+    except EXPECTED_ERRORS as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as err:
         if not out_of_memory(err):
             raise
-        print(f"sd35-flash: error: out of memory ({one_line(err)[:200]}); lower --batch or --width/--height, "
+        print(f"{prog}: error: out of memory ({one_line(err)[:200]}); lower --batch or --width/--height, "
               "or pass --memory auto to plan offloading and quantization", file=sys.stderr)
         return 2
-    except Terminated:
-        print("sd35-flash: stopped (SIGTERM)", file=sys.stderr)
-        return 128 + Terminated.signum
-    except KeyboardInterrupt:
-        print("sd35-flash: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        print(f"{prog}: {'stopped (SIGTERM)' if terminated else 'interrupted'}{stopped}", file=sys.stderr)
+        return 128 + Terminated.signum if terminated else 130
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the subcommand; every expected failure becomes one stderr line and status 2."""
+    return run_guarded("sd35-flash", lambda: COMMANDS[args.command](args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sd35_flash.flash_core import cli, memory
+from sd35_flash.flash_core import atomic, cli, memory
 from sd35_flash.flash_core.errors import FlashError
 from sd35_flash.flash_core.pipeline import resolve_device
 from sd35_flash.training.cli import main as train_main
@@ -284,3 +284,31 @@ def test_a_binary_teacher_data_index_through_the_training_cli(tmp_path, capsys):
         f"sd35-flash-train: error: teacher data: '{data / 'manifest.json'}' is not UTF-8 text (byte 0x80 at "
         "offset 0); expected the teacher-data manifest written by the data stage"]
     assert _snapshot(data) == before
+
+
+# ------------------------------------------------------------------------------ the entry points' shared guard
+
+
+@pytest.mark.parametrize(("raised", "status", "says"), [
+    (FlashError("bad file 'x.safetensors'"), 2, "prog: error: bad file 'x.safetensors'"),
+    (ConfigError("train.lr: expected a number"), 2, "prog: error: train.lr: expected a number"),
+    (OSError(28, "No space left on device"), 2, "prog: error: [Errno 28] No space left on device"),
+    (MemoryError(), 2, "prog: error: out of memory"),
+    (KeyboardInterrupt(), 130, "prog: interrupted; resume with --resume"),
+    (atomic.Terminated(), 143, "prog: stopped (SIGTERM); resume with --resume"),
+])
+def test_every_entry_point_ends_a_failure_or_a_stop_in_one_line(raised, status, says, capsys):
+    def work() -> int:
+        raise raised
+
+    assert cli.run_guarded("prog", work, "; resume with --resume") == status
+    err = capsys.readouterr().err
+    assert err.startswith(says) and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_unexpected_error_is_not_hidden():
+    def work() -> int:
+        raise RuntimeError("a bug")  # not an out-of-memory error: a traceback is what a bug should give
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.run_guarded("prog", work)

@@ -10,11 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..flash_core.atomic import Terminated, sigterm_raises
-from ..flash_core.cli import OneLineParser, one_line
-from ..flash_core.errors import FlashError
+from ..flash_core.atomic import sigterm_raises
+from ..flash_core.cli import OneLineParser, run_guarded
 from ..flash_core.threads import AUTO, parse_threads, set_threads
-from .config import ConfigError, load_config
+from .config import load_config
 
 STAGE_CHOICES = ("teacher", "data", "pretrain", "dmd", "split", "merge", "all")
 
@@ -37,21 +36,13 @@ def run(args: argparse.Namespace) -> int:
     """Load the config and run the stages; expected failures are one stderr line and status 2."""
     from .trainer import run_stages
 
-    set_threads(args.threads)
-    try:
+    def work() -> int:
         config = load_config(args.config)
-        out = run_stages(config, args.stage, resume=args.resume, progress=not args.quiet)
-    except (ConfigError, FlashError, OSError, ValueError) as e:
-        print(f"sd35-flash-train: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except Terminated:
-        print("sd35-flash-train: stopped (SIGTERM); --resume continues from the last saved state", file=sys.stderr)
-        return 128 + Terminated.signum
-    except KeyboardInterrupt:
-        print("sd35-flash-train: interrupted; --resume continues from the last saved state", file=sys.stderr)
-        return 130
-    print(out)
-    return 0
+        print(run_stages(config, args.stage, resume=args.resume, progress=not args.quiet))
+        return 0
+
+    set_threads(args.threads)
+    return run_guarded("sd35-flash-train", work, "; --resume continues from the last saved state")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

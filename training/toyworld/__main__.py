@@ -7,9 +7,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ...flash_core.atomic import Terminated, sigterm_raises
-from ...flash_core.cli import OneLineParser, one_line
-from ...flash_core.errors import FlashError
+from ...flash_core.atomic import sigterm_raises
+from ...flash_core.cli import OneLineParser, run_guarded
 from ...flash_core.threads import AUTO, load_average, parse_threads, set_threads, usable_cores
 from .build import PRESETS, STAGES
 
@@ -38,23 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """The build; expected failures are one stderr line and status 2, a stop (Ctrl-C, SIGTERM) one line too."""
-    from ..config import ConfigError
     from .build import build
+
+    def work() -> int:
+        build(args.out, args.preset, progress=not args.quiet, resume=args.resume, until=args.until,
+              seeds=args.seeds, install=args.install_demo)
+        return 0
 
     threads = set_threads(args.threads)
     if not args.quiet:
         print(f"torch threads: {threads} ({usable_cores()} cores, load average {load_average():.1f})",
               file=sys.stderr)
-    try:
-        build(args.out, args.preset, progress=not args.quiet, resume=args.resume, until=args.until,
-              seeds=args.seeds, install=args.install_demo)
-    except (ConfigError, FlashError, OSError, ValueError) as e:
-        print(f"toyworld build: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"toyworld build: stopped; --resume continues the build in {args.out}", file=sys.stderr)
-        return 128 + Terminated.signum if isinstance(e, Terminated) else 130
-    return 0
+    return run_guarded("toyworld build", work, f"; --resume continues the build in {args.out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
