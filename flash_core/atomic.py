@@ -5,7 +5,8 @@ Every file the project writes (PNGs, checkpoints, quantized copies, teacher data
 random part) in the destination's folder, so the rename never crosses file systems. It gets the permissions
 the user's umask gives a new file (``tempfile`` makes ``0600`` files), it is removed when the write fails or is
 interrupted (KeyboardInterrupt, and SIGTERM inside :func:`sigterm_raises`), and such files older than an hour
-beside the destination (left by a killed process) are removed before the next write.
+beside the destination (left by a killed process) are removed before the next write; :func:`remove_temps` removes
+them whatever their age for a caller that holds its folder's lock (the trainer, at the start of a run).
 
 :func:`check_destination` refuses, before any work, a destination that cannot be written.
 """
@@ -92,6 +93,28 @@ def remove_stale_temps(path: str | os.PathLike, max_age: float = STALE_AFTER) ->
         with contextlib.suppress(OSError):
             if (pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
                     and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+ANY_TEMP = re.compile(rf"\.(?P<destination>.+)\.{_RANDOM}{re.escape(TEMP_SUFFIX)}")
+
+
+def remove_temps(folder: str | os.PathLike, destinations: re.Pattern) -> list[Path]:
+    """Remove from ``folder`` every temporary file of :func:`atomic_write` whose destination name matches
+    ``destinations`` (``fullmatch``), whatever its age: for a caller that knows no other process writes there
+    (it holds the folder's lock), so such files are left over from a stopped process. Returns those removed;
+    links, folders and anything that cannot be read are left alone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        found = ANY_TEMP.fullmatch(entry.name)
+        with contextlib.suppress(OSError):
+            if found and destinations.fullmatch(found["destination"]) and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
     return removed

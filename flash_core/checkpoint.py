@@ -11,6 +11,7 @@ Official names are the working names of this project: a diffusers MM-DiT or VAE 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -49,6 +50,8 @@ PREFIXES = {"mmdit": MMDIT_PREFIX, "vae": VAE_PREFIX, **TEXT_PREFIXES}
 
 METADATA_PREFIX = "sd35_flash."
 FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -403,14 +406,19 @@ def packed_keys(keys: Iterable[str]) -> set[str]:
 
 
 def component_quant(files: CheckpointFiles, component: str):
-    """The :class:`~.quant.QuantScheme` a component of ``files`` is stored in, or None for float weights."""
-    from .quant import read_schemes
+    """The :class:`~.quant.QuantScheme` a component of ``files`` is stored in, or None for float weights. The
+    scheme the metadata states is checked against the component's tensor headers
+    (:func:`~.quant.check_stored_scheme`): a file whose metadata lies about its tensors is refused here."""
+    from .quant import check_stored_scheme, read_schemes
 
     if not files.has(component):
         return None
     source = files.sources[component][0]
     metadata = files.metadata if component == "mmdit" else read_metadata(source)
-    return read_schemes(metadata, str(source)).get(component)
+    scheme = read_schemes(metadata, str(source)).get(component)
+    if scheme is not None:
+        check_stored_scheme(component_shapes(files, component), scheme, f"'{source}'")
+    return scheme
 
 
 def logical_component_shapes(files: CheckpointFiles, component: str) -> dict[str, torch.Tensor]:
@@ -527,6 +535,86 @@ def _mmdit_from_mapping(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 # Metadata and writing
 
 
+MAX_METADATA_CHARS = 1 << 16  # one of our values (a grid, a scheme, provenance) is at most a few KB
+MAX_NOTE_CHARS = 1000  # sd35_flash.t5: a one-line convention
+
+
+class _Unusable(ValueError):
+    """Why one of our metadata values cannot be read (the text after the key in the message or the warning)."""
+
+
+def _text(value, limit: int = MAX_METADATA_CHARS) -> str:
+    if not isinstance(value, str):
+        raise _Unusable(f"is a {type(value).__name__}, not text")
+    if len(value) > limit:  # never parsed: a 50 MB value costs nothing beyond the header already read
+        raise _Unusable(f"is {len(value)} characters long; at most {limit} expected")
+    return value
+
+
+def _json(value):
+    text = _text(value)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: [[[[...]]]] nested deeper than Python recurses
+        raise _Unusable(f"is not valid JSON: {text[:80]!r}") from None
+
+
+def _json_object(value) -> dict:
+    parsed = _json(value)
+    if not isinstance(parsed, dict):
+        raise _Unusable(f"is not a JSON object: {value[:80]!r}")
+    return parsed
+
+
+def _read_sigmas(value) -> list[float]:
+    from .schedule import grid_problem
+
+    grid = _json(value)
+    problem = grid_problem(grid)
+    if problem is not None:
+        raise _Unusable(problem)
+    return [float(s) for s in grid]
+
+
+def _read_sampler_mode(value) -> str:
+    from .schedule import SAMPLER_MODES
+
+    text = _text(value, 64)
+    if text not in SAMPLER_MODES:
+        raise _Unusable(f"is {text!r}; expected one of {', '.join(SAMPLER_MODES)}")
+    return text
+
+
+def _read_quantization(value) -> str:
+    from .quant import parse_schemes
+
+    try:
+        parse_schemes(value)
+    except ValueError as err:
+        raise _Unusable(str(err)) from None
+    return value
+
+
+def _read_format_version(value) -> int:
+    version = _json(value)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise _Unusable(f"is {value[:20]!r}; this version reads format {FORMAT_VERSION}")
+    return version
+
+
+# Each of our keys: how its value is read, and whether a malformed one is refused (it decides the image: the
+# student grid, the sampler mode, how the weights are stored) or ignored with a warning (it describes the file).
+_READERS = {
+    "architecture": (_json_object, False),
+    "student_sigmas": (_read_sigmas, True),
+    "sampler_mode": (_read_sampler_mode, True),
+    "t5": (lambda value: _text(value, MAX_NOTE_CHARS), False),
+    "quantization": (_read_quantization, True),
+    "training": (_json_object, False),
+    "format_version": (_read_format_version, False),
+}
+
+
 @dataclass
 class FlashMetadata:
     """What this project writes into ``__metadata__`` (CHECKPOINTS.md "What this project writes")."""
@@ -548,18 +636,22 @@ class FlashMetadata:
 
     @classmethod
     def from_safetensors(cls, raw: Mapping[str, str], source: str = "metadata") -> FlashMetadata:
+        """Our entries of a file's ``__metadata__``, each checked, since the file is untrusted
+        (:data:`_READERS`): a malformed value that decides the image (the student grid, the sampler mode, the
+        quantization scheme) is a :class:`CheckpointError` naming the file and the key, never replaced by a
+        default; a malformed descriptive one (architecture, training, t5, format_version) is ignored with one
+        warning naming the key. A value over :data:`MAX_METADATA_CHARS` characters is never parsed."""
         fields = {}
-        for name in cls.__dataclass_fields__:
-            value = raw.get(METADATA_PREFIX + name)
-            if value is None:
-                continue
-            if name in ("sampler_mode", "t5", "quantization"):
-                fields[name] = value
+        for name, (read, decisive) in _READERS.items():
+            key = METADATA_PREFIX + name
+            if raw.get(key) is None:
                 continue
             try:
-                fields[name] = json.loads(value)
-            except json.JSONDecodeError:
-                raise CheckpointError(f"{source}: '{METADATA_PREFIX}{name}' is not valid JSON: {value[:80]!r}") from None
+                fields[name] = read(raw[key])
+            except _Unusable as err:
+                if decisive:
+                    raise CheckpointError(f"'{source}': metadata '{key}' {err}") from None
+                logger.warning("'%s': metadata '%s' ignored: it %s", source, key, err)
         return cls(**fields)
 
     @property

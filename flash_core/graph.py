@@ -99,7 +99,8 @@ NODE_SPECS: dict[str, NodeSpec] = {
     "SD35FlashTrainSplit": _spec("Flash Split Fine-tune + Merge", "training:FLASH_TRAINING iterations:INT "
                                  "lr:FLOAT boundary:FLOAT merge_alpha:FLOAT resume:BOOLEAN",
                                  "training:FLASH_TRAINING MODEL", size=(420, 340)),
-    "SD35FlashTrainSave": _spec("Save Flash Checkpoint", "training:FLASH_TRAINING stage:COMBO filename:STRING", ""),
+    "SD35FlashTrainSave": _spec("Save Flash Checkpoint", "training:FLASH_TRAINING stage:COMBO filename:STRING "
+                                "overwrite:BOOLEAN?", ""),
     # ComfyUI's (stock)
     "CLIPTextEncode": _spec("CLIP Text Encode (Prompt)", "text:STRING clip:CLIP", "CONDITIONING", size=(420, 180)),
     "EmptySD3LatentImage": _spec("EmptySD3LatentImage", "width:INT height:INT batch_size:INT", "LATENT"),
@@ -374,7 +375,7 @@ def training_graph(teacher: str = DEMO_CHECKPOINT_NAME, *, prompts: str = TRAINI
                 resume=False)
     split = g.add("SD35FlashTrainSplit", training=dmd[0], iterations=split_iterations, lr=1e-5, boundary=500.0,
                   merge_alpha=0.5, resume=False)
-    g.add("SD35FlashTrainSave", training=split[0], stage="latest", filename=filename)
+    g.add("SD35FlashTrainSave", training=split[0], stage="latest", filename=filename, overwrite=False)
     loader = g.add("SD35FlashCheckpointLoader", ckpt_name=teacher, t5="auto", weight_dtype="auto", quantize="none")
     positive = g.add("CLIPTextEncode", title="Positive Prompt", text=prompts.splitlines()[0], clip=loader["CLIP"])
     latent = g.add("EmptySD3LatentImage", **empty_latent_size(width, height, downscale_factor), batch_size=1)

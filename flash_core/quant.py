@@ -57,6 +57,12 @@ SCALE_DTYPE = {"int8": torch.float32, "fp8": torch.float32, "int6": torch.float1
 MIN_SCALE = 2.0**-14  # smallest normal fp16: a scale never underflows, an all-zero group stays exact
 FP8_MARKER = "scaled_fp8"  # ComfyUI: a float8 tensor at the model root switches its loader to scaled-fp8 ops
 METADATA_KEY = "sd35_flash.quantization"
+MAX_SCHEME_CHARS = 1 << 16  # a scheme is a few hundred characters: a longer value is not parsed
+MAX_GROUP_SIZE = 1 << 16
+MAX_LAYERS = 1 << 20  # packed layers (and exclude prefixes) a scheme may state
+MAX_POS_EMBED_SIDE = 512  # an elided table is rebuilt from its stated shape (SD3.5 Medium's side is 384)
+POS_EMBED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                    "float64": torch.float64}
 
 # Layers kept in 16 bits unless told otherwise (the issue: "embedders and final layer excluded by default").
 DEFAULT_EXCLUDE = {
@@ -377,8 +383,8 @@ def restore_pos_embed(sd: Mapping[str, torch.Tensor], scheme: QuantScheme | None
         return dict(sd)
     from .mmdit import sincos_pos_embed_table
 
-    _, positions, hidden = entry["shape"]
-    dtype = getattr(torch, entry.get("dtype", "float32"))
+    _, positions, hidden = entry["shape"]  # checked when read (parse_schemes)
+    dtype = POS_EMBED_DTYPES[entry.get("dtype", "float32")]
     if any(t.is_meta for t in sd.values()):  # shapes only (architecture inference from headers)
         return {**sd, "pos_embed": torch.empty(entry["shape"], dtype=dtype, device="meta")}
     return {**sd, "pos_embed": sincos_pos_embed_table(hidden, math.isqrt(positions)).to(dtype)}
@@ -388,27 +394,101 @@ def restore_pos_embed(sd: Mapping[str, torch.Tensor], scheme: QuantScheme | None
 
 
 def read_schemes(metadata: Mapping[str, str], source: str) -> dict[str, QuantScheme]:
-    """``component -> QuantScheme`` from a file's ``__metadata__`` (empty for a 16-bit file)."""
+    """``component -> QuantScheme`` from a file's ``__metadata__`` (empty for a 16-bit file); a malformed entry
+    is a :class:`CheckpointError` naming the file and the key (:func:`parse_schemes` says what is wrong)."""
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return {}
     try:
+        return parse_schemes(raw)
+    except ValueError as err:
+        raise CheckpointError(f"'{source}': metadata '{METADATA_KEY}' {err}") from None
+
+
+def parse_schemes(raw: str) -> dict[str, QuantScheme]:
+    """The schemes of one ``sd35_flash.quantization`` value. The file is untrusted: anything but a JSON object of
+    known components, each with a known format, a group size in [0, :data:`MAX_GROUP_SIZE`], a layer count, a
+    short exclude list and a sane ``pos_embed`` entry, is a ``ValueError`` saying what (the value is never
+    parsed beyond :data:`MAX_SCHEME_CHARS` characters)."""
+    if not isinstance(raw, str) or len(raw) > MAX_SCHEME_CHARS:
+        size = f"{len(raw)} characters" if isinstance(raw, str) else type(raw).__name__
+        raise ValueError(f"is {size}; expected a JSON object of at most {MAX_SCHEME_CHARS} characters")
+    try:
         value = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         if raw in ("bf16", "fp16", "fp32"):  # early files named their float dtype here
             return {}
-        raise CheckpointError(f"'{source}': metadata '{METADATA_KEY}' is not JSON: {raw[:80]!r}") from None
+        raise ValueError(f"is not JSON: {raw[:80]!r}") from None
     if not isinstance(value, dict):
-        raise CheckpointError(f"'{source}': metadata '{METADATA_KEY}' must map components to formats, got {raw[:80]!r}")
-    schemes = {}
-    for component, entry in value.items():
-        if not isinstance(entry, dict) or entry.get("format") not in FORMATS:
-            raise CheckpointError(f"'{source}': metadata '{METADATA_KEY}' entry '{component}' needs a format "
-                                  f"(one of {', '.join(FORMATS)}), got {entry!r}")
-        extra = {k: v for k, v in entry.items() if k not in ("format", "group_size", "exclude", "layers")}
-        schemes[component] = QuantScheme(entry["format"], int(entry.get("group_size", DEFAULT_GROUP_SIZE)),
-                                         tuple(entry.get("exclude", ())), int(entry.get("layers", 0)), extra)
-    return schemes
+        raise ValueError(f"must map components to formats, got {raw[:80]!r}")
+    return {component: _parse_scheme(component, entry) for component, entry in value.items()}
+
+
+def _is_count(value, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+
+
+def _cut(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _parse_scheme(component: str, entry) -> QuantScheme:
+    if component not in DEFAULT_EXCLUDE:
+        raise ValueError(f"names component {_cut(component)}; expected {', '.join(DEFAULT_EXCLUDE)}")
+    if not isinstance(entry, dict) or entry.get("format") not in FORMATS:
+        raise ValueError(f"entry '{component}' needs a format (one of {', '.join(FORMATS)}), got {_cut(entry)}")
+    group, layers = entry.get("group_size", DEFAULT_GROUP_SIZE), entry.get("layers", 0)
+    exclude = entry.get("exclude", [])
+    if not _is_count(group, MAX_GROUP_SIZE):
+        raise ValueError(f"entry '{component}': group_size must be an integer in [0, {MAX_GROUP_SIZE}] "
+                         f"(0: whole rows), got {_cut(group)}")
+    if not _is_count(layers, MAX_LAYERS):
+        raise ValueError(f"entry '{component}': layers must be an integer in [0, {MAX_LAYERS}], got {_cut(layers)}")
+    if not (isinstance(exclude, list) and len(exclude) <= MAX_LAYERS
+            and all(isinstance(p, str) and 0 < len(p) <= 256 for p in exclude)):
+        raise ValueError(f"entry '{component}': exclude must be a list of layer-name prefixes, got {_cut(exclude)}")
+    extra = {k: v for k, v in entry.items() if k not in ("format", "group_size", "exclude", "layers")}
+    if "pos_embed" in extra:
+        _check_pos_embed_entry(component, extra["pos_embed"])
+    return QuantScheme(entry["format"], group, tuple(exclude), layers, extra)
+
+
+def _check_pos_embed_entry(component: str, entry) -> None:
+    """``{"table": "sincos", "shape": [1, side * side, hidden], "dtype": ...}`` (:func:`elide_pos_embed`), with a
+    side of at most :data:`MAX_POS_EMBED_SIDE` patches: the table is rebuilt from it, so it must be sane."""
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    ok = (isinstance(entry, dict) and entry.get("table") == "sincos" and isinstance(shape, list) and len(shape) == 3
+          and all(_is_count(n, MAX_POS_EMBED_SIDE**2 * 65536) for n in shape) and shape[0] == 1
+          and 0 < math.isqrt(shape[1]) <= MAX_POS_EMBED_SIDE and math.isqrt(shape[1]) ** 2 == shape[1]
+          and 0 < shape[2] <= 65536 and shape[2] % 4 == 0 and entry.get("dtype", "float32") in POS_EMBED_DTYPES)
+    if not ok:
+        raise ValueError(f"entry '{component}': pos_embed must be {{\"table\": \"sincos\", \"shape\": [1, side**2, "
+                         f"hidden], \"dtype\": one of {', '.join(POS_EMBED_DTYPES)}}} with side <= "
+                         f"{MAX_POS_EMBED_SIDE} and hidden a multiple of 4, got {_cut(entry)}")
+
+
+def check_stored_scheme(sd: Mapping[str, torch.Tensor], scheme: QuantScheme, what: str) -> dict[str, tuple[int, int]]:
+    """The scheme a file's metadata states against its tensors (``sd``: real or meta, official names): every
+    packed layer in the stated format (:func:`stored_layers`), as many as ``layers`` says, each with the groups
+    its ``group_size`` gives, and an elided ``pos_embed`` as wide as the model. A file whose metadata lies about
+    its tensors is a :class:`CheckpointError` naming it and the key. Returns :func:`stored_layers`'s map."""
+    where = f"{what}: metadata '{METADATA_KEY}'"
+    layers = stored_layers(sd, scheme.fmt, what)
+    if scheme.layers and len(layers) != scheme.layers:
+        raise CheckpointError(f"{where} says {scheme.layers} {scheme.fmt} layers; the tensors hold {len(layers)}")
+    if scheme.fmt in GROUPED:
+        for layer, (_, inputs) in layers.items():
+            groups = sd[f"{layer}.{SCALE_KEY[scheme.fmt]}"].shape[1]
+            expected = inputs // layer_group(inputs, scheme.group_size)
+            if groups != expected:
+                raise CheckpointError(f"{where} says group_size {scheme.group_size}, which gives {expected} groups "
+                                      f"for the {inputs} inputs of '{layer}.weight'; its scale holds {groups}")
+    entry = scheme.extra.get("pos_embed")
+    width = sd["x_embedder.proj.weight"].shape[0] if "x_embedder.proj.weight" in sd else None
+    if entry and width is not None and entry["shape"][2] != width:
+        raise CheckpointError(f"{where} says the elided pos_embed is {entry['shape'][2]} wide; the MM-DiT is {width}")
+    return layers
 
 
 def write_schemes(schemes: Mapping[str, QuantScheme]) -> dict[str, str]:
@@ -639,5 +719,6 @@ def relative_rms_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
 __all__ = [
     "BACKENDS", "FORMATS", "QuantError", "QuantScheme", "QuantizedLinear", "QuantizedWeight", "choose_backend",
     "dequantize", "install_packed", "logical_shapes", "quantize_module", "quantize_state_dict", "quantize_weight",
-    "quantized_nbytes", "read_schemes", "set_backend", "stored_layers", "write_schemes",
+    "quantized_nbytes", "read_schemes", "set_backend", "stored_layers", "write_schemes", "parse_schemes",
+    "check_stored_scheme",
 ]

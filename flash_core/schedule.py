@@ -17,6 +17,8 @@ import torch
 SD35_SHIFT = 3.0
 TIMESTEP_MULTIPLIER = 1000.0
 SAMPLER_MODES = ("euler", "renoise")
+GRID_KEY = "sd35_flash.student_sigmas"  # the checkpoint metadata key of a student grid
+MAX_GRID_STEPS = 64  # a stored student grid has at most this many steps (a few-step student has 1 to 8)
 
 #: The student grids of ALGORITHM.md "The student schedule": DMD2's [999, 749, 499, 249] through shift 3.
 STUDENT_SIGMAS: dict[int, tuple[float, ...]] = {
@@ -49,14 +51,42 @@ def teacher_sigmas(steps: int, shift: float = SD35_SHIFT) -> torch.Tensor:
     return shift_sigma(t, shift).float()
 
 
+def grid_problem(grid: Sequence[float]) -> str | None:
+    """Why ``grid`` cannot be a student grid (a checkpoint's ``sd35_flash.student_sigmas``), or None: it must hold
+    1 to :data:`MAX_GRID_STEPS` sigmas, finite real numbers strictly decreasing within (0, 1], one final 0
+    optional. NaN fails every test here (each says what must hold, and every comparison with NaN is false)."""
+    if not isinstance(grid, (list, tuple)):
+        return f"is not a list of sigmas (got {type(grid).__name__})"
+    if not 1 <= len(grid) <= MAX_GRID_STEPS + 1:
+        return f"has {len(grid)} entries; expected 1 to {MAX_GRID_STEPS} sigmas (and a final 0)"
+    bad = next((s for s in grid if isinstance(s, bool) or not isinstance(s, (int, float))), None)
+    if bad is not None:
+        return f"holds {str(bad)[:40]!r}, which is not a number"
+    positive = list(grid[:-1]) if grid[-1] == 0 and len(grid) > 1 else list(grid)
+    if not all(0.0 < s <= 1.0 for s in positive):
+        return f"must be finite sigmas within (0, 1] (one final 0 optional), got {list(grid)}"
+    if not all(a > b for a, b in zip(positive, positive[1:], strict=False)):
+        return f"must decrease strictly, got {list(grid)}"
+    return None
+
+
+def check_grid(grid: Sequence[float], what: str = f"the stored student grid ({GRID_KEY})") -> list[float]:
+    """``grid`` as floats, or a ``ValueError`` saying ``what`` is wrong with it (:func:`grid_problem`)."""
+    problem = grid_problem(grid)
+    if problem is not None:
+        raise ValueError(f"{what} {problem}")
+    return [float(s) for s in grid]
+
+
 def student_sigmas(steps: int, grid: Sequence[float] | None = None) -> torch.Tensor:
     """The few-step student's sigmas, ending in 0.
 
     ``grid`` is the one stored in a checkpoint's metadata (with or without the final 0); without it the
-    defaults of ALGORITHM.md are used for 2 and 4 steps. Any other step count has no student grid.
+    defaults of ALGORITHM.md are used for 2 and 4 steps. Any other step count has no student grid. A stored
+    grid is never replaced by another: an invalid one is a ``ValueError`` (:func:`check_grid`).
     """
     if grid is not None:
-        values = [float(s) for s in grid]
+        values = check_grid(grid)
         if values[-1] != 0.0:
             values.append(0.0)
         if len(values) - 1 != steps:
@@ -74,6 +104,8 @@ def flash_sigmas(steps: int, grid: Sequence[float] | None = None, shift: float =
     ``denoise < 1`` keeps the tail of a longer schedule (ComfyUI's convention): ``round(steps / denoise)``
     steps are planned and the last ``steps + 1`` sigmas are returned.
     """
+    if grid is not None:  # the stored grid wins and is validated first: an invalid one is never passed over
+        grid = check_grid(grid)
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1], got {denoise}")
     if denoise < 1.0:

@@ -14,7 +14,7 @@ from ..flash_core.errors import CheckpointError
 from ..flash_core.quant import FORMATS
 from ..flash_core.text import tokenizers_beside
 from ..flash_core.tokenizer_files import embedded_tokenizers
-from . import native, quant_ops
+from . import native, path_policy, quant_ops
 
 CATEGORY = "SD3.5 Flash"
 LOADER_EVENT = "sd35_flash.loader_info"
@@ -35,15 +35,17 @@ def filenames(*folders: str) -> list[str]:
     return names
 
 
-def full_path(name: str, *folders: str) -> Path:
-    """The file ``name`` in the first of ``folders`` that has it, or a clear error naming both."""
+def full_path(name: str, *folders: str, widget: str = "ckpt_name") -> Path:
+    """The file ``name`` in the first of ComfyUI's model ``folders`` that has it (as ComfyUI's loaders find it),
+    or a clear error naming both; a name that would leave them (absolute, ``..``: :mod:`.path_policy`) is refused
+    naming ``widget``."""
     import folder_paths
 
-    for folder in folders:
-        path = folder_paths.get_full_path(folder, name)
-        if path is not None:
-            return Path(path)
-    raise CheckpointError(f"'{name}' is not in ComfyUI's {' or '.join(f'models/{f}' for f in folders)} folder")
+    roots = [root for folder in folders for root in folder_paths.get_folder_paths(folder)]
+    path = path_policy.model_file(name, roots, widget, path_policy.model_place(folders))
+    if path is None:
+        raise CheckpointError(f"'{name}' is not in {path_policy.model_place(folders)}")
+    return path
 
 
 def send_report(node_id, report: dict) -> None:
@@ -157,8 +159,10 @@ class FlashTextEncoderLoader:
             raise CheckpointError("choose a CLIP-L and/or CLIP-G file: SD3 conditioning needs at least one CLIP")
         files = CheckpointFiles(layout="split text encoder files")
         tokenizers = None
+        paths = {slot: full_path(name, "text_encoders", widget="t5xxl" if slot == "t5" else slot)
+                 for slot, name in chosen.items()}  # every name checked before any file is read
         for slot, name in chosen.items():
-            path = full_path(name, "text_encoders")
+            path = paths[slot]
             tokenizers = tokenizers or tokenizers_beside(path)  # a tokenizers/ folder beside the first file having one
             part = index_checkpoint(path, slot)
             if not part.has(slot):
@@ -187,7 +191,7 @@ class FlashVAELoader:
     DESCRIPTION = "Loads a separate SD3 VAE file, including the small demo-model VAE the stock loader cannot size."
 
     def load(self, vae_name: str):
-        files = index_checkpoint(full_path(vae_name, "vae"), "vae")
+        files = index_checkpoint(full_path(vae_name, "vae", widget="vae_name"), "vae")
         if not files.has("vae"):
             raise CheckpointError(f"'{vae_name}' holds no VAE weights (found {', '.join(files.components)})")
         return (native.build_vae(files),)

@@ -208,13 +208,14 @@ def test_the_comfyui_save_node_copies_with_the_umask(tmp_path, umask, monkeypatc
     from sd35_flash.nodes.training import FlashTrainSave
     from sd35_flash.training.config import config_from_dict
 
-    run, models = tmp_path / "run", tmp_path / "checkpoints"
-    run.mkdir()
+    run, models = tmp_path / "output" / "sd35_flash" / "run", tmp_path / "checkpoints"
+    run.mkdir(parents=True)
     models.mkdir()
     (run / "dmd.safetensors").write_bytes(b"student")
-    monkeypatch.setitem(sys.modules, "folder_paths", SimpleNamespace(get_folder_paths=lambda kind: [str(models)]))
+    monkeypatch.setitem(sys.modules, "folder_paths", SimpleNamespace(
+        get_folder_paths=lambda kind: [str(models)], get_output_directory=lambda: str(tmp_path / "output")))
     umask(0o022)
     FlashTrainSave().save(config_from_dict({"train": {"out": str(run)}}), "dmd", "student")
-    assert [p.name for p in models.iterdir()] == ["student.safetensors"]
-    assert (models / "student.safetensors").read_bytes() == b"student"
-    assert _mode(models / "student.safetensors") == 0o644
+    assert [p.name for p in models.iterdir()] == ["student_00001_.safetensors"]
+    assert (models / "student_00001_.safetensors").read_bytes() == b"student"
+    assert _mode(models / "student_00001_.safetensors") == 0o644

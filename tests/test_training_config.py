@@ -134,13 +134,13 @@ def test_messages_start_with_the_source():
     ("[student]\nsigmas = [1.0, 0.5, 0.75, 0.25]\n", "student.sigmas"),  # not decreasing
     ("[student]\nsigmas = [1.0, 0.9, 0.9, 0.5]\n", "student.sigmas"),  # not strictly decreasing
     ("[student]\nsigmas = [1.0, 0.9, 0.0, 0.75, 0.5]\n", "student.sigmas"),  # 0 only at the end
-    ("[student]\nsigmas = [1.0, 0.9, 0.75, 0.5, -0.1]\n", "student.sigmas"),  # no negative sigma
+    ("[student]\nsigmas = [1.0, 0.9, 0.75, 0.5, -0.1]\n", "student.sigmas[4]"),  # no negative sigma
     ("[student]\nsigmas = [1.0, 0.9, 0.75, 0.5, 0.0, 0.0]\n", "student.sigmas"),
     ("[student]\nsigmas = [0.0]\n", "student.sigmas"),
     ("[dmd]\nrenoise_range = [0.9, 0.1]\n", "dmd.renoise_range"),
     ("[dmd]\nrenoise_range = [0.5, 0.5]\n", "dmd.renoise_range"),
     ("[dmd]\nrenoise_range = [0.1]\n", "dmd.renoise_range"),
-    ("[dmd]\nrenoise_range = [0.1, 1.5]\n", "dmd.renoise_range"),
+    ("[dmd]\nrenoise_range = [0.1, 1.5]\n", "dmd.renoise_range[1]"),
 ])
 def test_range_checks_name_the_key(text, path):
     assert f"{path}: expected" in refused(text)

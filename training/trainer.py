@@ -5,19 +5,29 @@
 * Randomness is drawn per step from ``(seed, stage, step)`` for the *global* batch and sliced per rank, so a
   resumed run, and a run on N processes, draw exactly what one uninterrupted process draws.
 * State (weights, optimizer moments, EMA) is saved every ``checkpoint_every`` steps as safetensors, atomically,
-  keeping the newest ``keep_last``; ``resume`` continues from the newest.
+  keeping the newest ``keep_last`` of the stage's run; ``resume`` continues that run from its newest readable
+  state, and starting over where another run's states are needs ``overwrite`` (:mod:`.run_folder`: the run
+  record, the folder's lock, and the temporary files of a stopped write, removed at the next start).
+* A step whose values (loss, gradient norm, learning rate) are not finite stops the stage with
+  :class:`NonFiniteLossError` naming the step and the last good state; nothing non-finite is ever saved.
+* Ctrl-C, SIGTERM and ComfyUI's Cancel let the current step finish, save its state and stop; the exception
+  carries ``training_stop`` (:class:`Stopped`: the step and the state's path) for the one line the CLI prints.
 * Each stage ends with a checkpoint in the official layout (the teacher's text encoders and VAE included) with
   our metadata: student grid, sampler mode, T5 convention, provenance (stage, iterations, config hash).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import logging
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +46,8 @@ from ..flash_core.checkpoint import (
     load_vae,
     save_checkpoint,
 )
+from ..flash_core.cli import one_line
+from ..flash_core.errors import FlashError
 from ..flash_core.mmdit import MMDiT, MMDiTConfig
 from ..flash_core.schedule import (
     SD35_SHIFT,
@@ -51,13 +63,37 @@ from ..flash_core.vae import process_out
 from . import objectives as obj
 from .config import Config, ConfigError, OptimConfig, teacher_architecture, to_toml
 from .data import TeacherData
+from .run_folder import (
+    RunLock,
+    RunRecord,
+    StageRun,
+    check_start,
+    cut_log,
+    newest_state,
+    record_state,
+    remove_leftovers,
+    stage_state,
+    start_stage,
+    state_folder,
+)
 from .split import RoutedMMDiT
-from .state import list_states, load_state, save_state, whole
+from .state import (
+    NonFiniteStateError,
+    TrainingError,
+    apply_state,
+    load_state,
+    read_state,
+    save_state,
+    state_name,
+    whole,
+)
 from .teacher import LatentPool, ema_decay_at, load_dataset, logit_normal_sigmas
 
 STAGES = ("pretrain", "dmd", "split", "merge", "teacher")  # the order seeds each stage's generators: append only
 DISTILLATION_STAGES = ("pretrain", "dmd", "split")  # what ``all`` runs after the data stage
 T5_CONVENTION = "optional: 77 CLIP tokens when off"
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
@@ -94,10 +130,6 @@ class World:
         """This rank's slice of a global-batch tensor."""
         n = x.shape[0] // self.size
         return x[self.rank * n:(self.rank + 1) * n]
-
-
-def _state_name(step: int) -> str:
-    return f"step_{step:06d}.safetensors"
 
 
 def _device(name: str) -> torch.device:
@@ -158,15 +190,157 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
     return float(whole(norm))
 
 
-class CSVLog:
-    """One CSV per stage (appended on resume), and TensorBoard scalars when tensorboard is installed."""
+# ------------------------------------------------------------------------------------------------ stops
 
-    def __init__(self, path: Path, enabled: bool):
+
+class NonFiniteLossError(TrainingError):
+    """The training diverged: a loss, gradient norm, learning rate or weight is NaN or infinite. Nothing of it is
+    saved; ``last_state`` (kept) is the newest state of the run, or None."""
+
+    def __init__(self, stage: str, step: int, what: str, last_state: tuple[int, Path] | None):
+        self.stage, self.step, self.last_state = stage, step, last_state
+        if last_state is None:
+            then = "no state was saved before it; lower the learning rate (or fix the data) and start again"
+        else:
+            then = (f"nothing of it was saved; the last good state is '{last_state[1]}' (step {last_state[0]}): "
+                    "lower the learning rate (or fix the data) and pass --resume to continue from it")
+        super().__init__(f"{stage}: the training diverged at step {step} ({what}); {then}")
+
+
+def non_finite_values(values: dict[str, float]) -> str:
+    """``values`` that are NaN or infinite, as ``name=value`` text ('' when all are finite)."""
+    return ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every floating-point tensor (this rank's shard of a sharded one) is finite: one check, and one
+    host sync, per device."""
+    from torch.distributed.tensor import DTensor
+
+    checks: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if local.is_floating_point() and local.numel():
+            checks.setdefault(local.device, []).append(torch.isfinite(local.detach()).all())
+    return all(bool(torch.stack(found).all()) for found in checks.values())
+
+
+def saved_tensors(modules: dict, optimizers: dict[str, torch.optim.Optimizer]) -> Iterator[torch.Tensor]:
+    """Every tensor a state file of ``modules`` and ``optimizers`` holds, as they live."""
+    for module in modules.values():
+        yield from (module.state_dict() if isinstance(module, torch.nn.Module) else module).values()
+    for optimizer in optimizers.values():
+        for fields in optimizer.state.values():
+            yield from (v for v in fields.values() if torch.is_tensor(v))
+
+
+@dataclass
+class Stopped:
+    """Where a user's stop (Ctrl-C, SIGTERM, ComfyUI's Cancel) left a stage; the stop's exception carries it as
+    ``training_stop``."""
+
+    stage: str
+    step: int  # steps done
+    state: tuple[int, Path] | None  # the newest state (step, path), or None
+    note: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.stage} stopped at step {self.step}"
+        if self.state is None:
+            return f"{text}; no state saved{self.note}"
+        if self.state[0] == self.step:
+            return f"{text}; state saved to '{self.state[1]}'"
+        return f"{text}; steps after {self.state[0]} were not saved{self.note}; the newest state is '{self.state[1]}'"
+
+
+@contextlib.contextmanager
+def whole_steps() -> Iterator[None]:
+    """Within the block (one training step and its bookkeeping), SIGINT and SIGTERM wait for it to end: their
+    handlers (Ctrl-C's KeyboardInterrupt, the CLI's :class:`..flash_core.atomic.Terminated`) run after it, so a
+    stop never finds the weights half updated. A second signal runs its handler at once (a stop in the middle of
+    the step itself is not saved). Main thread only (elsewhere, as in ComfyUI's worker, the block runs as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: h for s, h in handlers.items() if callable(h)}
+    pending: list[tuple[int, object]] = []
+
+    def hold(signum, frame):
+        if pending:
+            handlers[signum](signum, frame)
+        pending.append((signum, frame))
+
+    for s in handlers:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if pending:
+        signum, frame = pending[0]
+        handlers[signum](signum, frame)
+
+
+def on_main(world: World, fn: Callable[[], object], share: bool = False):
+    """``fn()`` on rank 0 only. Its expected failure is raised on every rank (none is left waiting in a
+    collective); with ``share`` every rank gets its value, else the others get None."""
+    if world.size == 1:
+        return fn()
+    result, error = None, None
+    if world.main:
+        try:
+            result = fn()
+        except (FlashError, ValueError, OSError) as err:
+            error = err
+    box = [(None if error is None else one_line(error), result if share else None)]
+    dist.broadcast_object_list(box, src=0)
+    message, shared = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise TrainingError(message)
+    return result if world.main else shared
+
+
+@contextlib.contextmanager
+def run_lock(world: World, out: Path) -> Iterator[None]:
+    """The run folder's lock (:class:`.run_folder.RunLock`, taken by rank 0; every rank stops when it cannot be),
+    with the temporary files of a stopped write removed once it is held."""
+    def take() -> RunLock:
+        lock = RunLock.acquire(out)
+        try:
+            remove_leftovers(out)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    lock = on_main(world, take)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# ------------------------------------------------------------------------------------------------ logs
+
+
+class CSVLog:
+    """One CSV per stage, and TensorBoard scalars when tensorboard is installed. Opened at step ``start`` (a
+    resume), it keeps the rows up to that step only (:func:`.run_folder.cut_log`): the steps trained again are
+    logged once."""
+
+    def __init__(self, path: Path, enabled: bool, start: int = 0):
         self.path, self.enabled, self.writer = path, enabled, None
         if enabled:
+            cut_log(path, start)
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(path.parent / "tensorboard" / path.stem))
+                self.writer = SummaryWriter(str(path.parent / "tensorboard" / path.stem),
+                                            purge_step=start + 1 if start else None)
             except Exception:  # tensorboard is optional
                 self.writer = None
 
@@ -219,6 +393,8 @@ class Trainer:
         self.on_preview: Callable | None = None  # (stage, step, PIL image) after each preview grid
         self.interrupts: tuple[type[BaseException], ...] = (KeyboardInterrupt,)  # stops that save state first
         self.out = Path(config.train.out)
+        self.lock_held = False  # True when the caller holds the run folder's lock (run_stages does)
+        self.stage_run: StageRun | None = None  # the running stage's record entry (rank 0)
         self.sigmas = torch.tensor(self.student_grid(), dtype=torch.float32)
         self._data: TeacherData | None = None
         self._teacher: torch.nn.Module | None = None
@@ -317,64 +493,159 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- stages
 
-    def run(self, stage: str, resume: bool = False) -> Path:
+    def run(self, stage: str, resume: bool = False, overwrite: bool = False) -> Path:
+        """Train ``stage`` (or merge) in the run folder, holding its lock. ``resume`` continues the stage's run
+        from its newest readable state; without it the stage starts at step 0, which ``overwrite`` must allow
+        where another run's states are (they are moved aside: :func:`.run_folder.start_stage`)."""
         key, batch = (("teacher.batch_size", self.config.teacher.batch_size) if stage == "teacher"
                       else ("train.batch_size", self.config.train.batch_size))
         if batch % self.world.size:
             raise ConfigError(f"{key}: {batch} does not split over {self.world.size} processes")
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.world.main:
-            (self.out / "config.toml").write_text(to_toml(self.config))
-        if stage == "merge":
-            return self.merge()
-        return {"teacher": self.train_teacher, "pretrain": self.pretrain, "dmd": self.dmd,
-                "split": self.split}[stage](resume)
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run, or start it over")
+        with contextlib.nullcontext() if self.lock_held else run_lock(self.world, self.out):
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.world.main:
+                text = to_toml(self.config)
+                atomic_write(self.out / "config.toml", lambda tmp: tmp.write_text(text))
+            if stage == "merge":
+                return self.merge()
+            self.stage_run = on_main(self.world, lambda: start_stage(self.out, stage, self.config.hash(), resume,
+                                                                      overwrite))
+            return {"teacher": self.train_teacher, "pretrain": self.pretrain, "dmd": self.dmd,
+                    "split": self.split}[stage](resume)
+
+    def _resume(self, stage: str, modules: dict, optimizers: dict) -> int:
+        """Load the newest readable state of the stage's run (rank 0 chooses, every rank loads it); its step."""
+        found = {}
+
+        def choose() -> tuple[int, str] | None:
+            found["state"] = newest_state(self.out, stage, self.stage_run, repair=True)
+            return None if found["state"] is None else (found["state"].step, str(found["state"].path))
+
+        chosen = on_main(self.world, choose, share=True)
+        if chosen is None:
+            log.info("%s: no saved state to resume from; starting at step 0", stage)
+            return 0
+        state = found.get("state")
+        if state is not None:
+            meta, tensors = state.meta, state.tensors
+        else:  # another rank: the file rank 0 read
+            meta, tensors = read_state(Path(chosen[1]))
+        step, _ = apply_state(Path(chosen[1]), meta, tensors, modules, optimizers)
+        return step
 
     def _loop(self, stage: str, iterations: int, resume: bool, modules: dict, optimizers: dict,
               step_fn: Callable[[int, torch.Generator], dict[str, float]]) -> None:
-        folder = self.out / "state" / stage
-        start = 0
-        if resume and list_states(folder):
-            start, _ = load_state(list_states(folder)[-1], modules, optimizers)
-        log = CSVLog(self.out / f"log_{stage}.csv", self.world.main)
+        folder = state_folder(self.out, stage)
+        start = self._resume(stage, modules, optimizers) if resume else 0
+        log_file = CSVLog(self.out / f"log_{stage}.csv", self.world.main, start)
         bar = tqdm(total=iterations, initial=start, desc=stage, disable=not self.progress)
-        self._done = start
+        self._done, self._in_step, self._diverged = start, False, None
         try:
             for step in range(start, iterations):
-                self._step(stage, step, iterations, step_fn, log, bar, folder, modules, optimizers)
-        except self.interrupts:
-            # A user's stop (Ctrl-C, ComfyUI's Cancel): keep what was trained, then stop.
-            saved = list_states(folder)
-            if self.world.size == 1 and self._done > start and (not saved or saved[-1].name != _state_name(self._done)):
-                save_state(folder, self._done, modules, optimizers, {"stage": stage}, self.config.train.keep_last)
+                self._step(stage, step, iterations, step_fn, log_file, bar, folder, modules, optimizers)
+        except self.interrupts as stop:
+            # A user's stop (Ctrl-C, SIGTERM, ComfyUI's Cancel): keep what was trained, say where, then stop.
+            stop.training_stop = self._stopped(stage, start, folder, modules, optimizers)
+            log.info("%s", stop.training_stop)
             raise
         finally:
             bar.close()
 
-    def _step(self, stage, step, iterations, step_fn, log, bar, folder, modules, optimizers) -> None:
-        """One training step, then its log line, state file, preview and callback, as due."""
-        tic = time.perf_counter()
-        values = step_fn(step, step_generator(self.config.train.seed, stage, step))
-        values["sec_per_it"] = time.perf_counter() - tic
-        self._done = step + 1
+    def _step(self, stage, step, iterations, step_fn, log_file, bar, folder, modules, optimizers) -> None:
+        """One training step, its values checked, then its log line, state file, preview and callback, as due.
+        A stop by signal waits for all of it (:func:`whole_steps`)."""
+        with whole_steps():
+            tic = time.perf_counter()
+            self._in_step = True
+            values = step_fn(step, step_generator(self.config.train.seed, stage, step))
+            self._done, self._in_step = step + 1, False
+            values["sec_per_it"] = time.perf_counter() - tic
+            self._check_values(stage, step + 1, values)
+            self._after_step(stage, step + 1, iterations, values, log_file, bar, folder, modules, optimizers)
+
+    def _after_step(self, stage, done, iterations, values, log_file, bar, folder, modules, optimizers) -> None:
+        """The bookkeeping of step ``done``: progress, log row, state file, preview grid, callback."""
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k in ("loss", "dmd", "fake")})
-        if (step + 1) % self.config.train.log_every == 0 or step + 1 == iterations:
-            log.write(step + 1, values)
-        if (self.world.main or self.sharded) and ((step + 1) % self.config.train.checkpoint_every == 0
-                                                  or step + 1 == iterations):
-            save_state(folder, step + 1, modules, optimizers, {"stage": stage}, self.config.train.keep_last,
-                       write=self.world.main)
+        if done % self.config.train.log_every == 0 or done == iterations:
+            log_file.write(done, values)
+        if done % self.config.train.checkpoint_every == 0 or done == iterations:
+            self._save(stage, folder, done, modules, optimizers)
         every = self.config.train.sample_every
-        if (self.world.main or self.sharded) and every and self.preview_model is not None and (step + 1) % every == 0:
+        if (self.world.main or self.sharded) and every and self.preview_model is not None and done % every == 0:
             grid = (self.preview_fn or self.preview)(self.preview_model)  # under FSDP a collective: all sample
             if self.world.main:
-                (self.out / "samples").mkdir(exist_ok=True)
-                grid.save(self.out / "samples" / f"{stage}_{step + 1:06d}.png")
+                path = self.out / "samples" / f"{stage}_{done:06d}.png"
+                atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
                 if self.on_preview is not None:
-                    self.on_preview(stage, step + 1, grid)
+                    self.on_preview(stage, done, grid)
         if self.on_step is not None:
-            self.on_step(stage, step + 1, iterations, values)
+            self.on_step(stage, done, iterations, values)
+
+    def _check_values(self, stage: str, step: int, values: dict[str, float]) -> None:
+        """Stop at the first step whose values are not finite (they are floats already: no device sync). Under
+        torchrun a rank only notes it; the ranks agree at the next state save (:meth:`_agree_finite`)."""
+        bad = non_finite_values(values)
+        if not bad:
+            return
+        if self.world.size == 1:
+            raise NonFiniteLossError(stage, step, bad, self._last_state(stage))
+        if self._diverged is None:
+            self._diverged = (step, bad)
+
+    def _agree_finite(self, stage: str, step: int, modules: dict, optimizers: dict) -> None:
+        """Under torchrun, before a state save: every rank's first non-finite step and the finiteness of what it
+        would save, agreed by all (one all-reduce), so all ranks stop together and nothing non-finite is saved."""
+        first = self._diverged[0] if self._diverged else step + 1
+        finite = all_finite(saved_tensors(modules, optimizers))
+        flags = torch.tensor([float(first), 1.0 if finite else 0.0], dtype=torch.float64, device=self.world.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        first, finite = int(flags[0]), bool(flags[1])
+        if first <= step:
+            what = self._diverged[1] if self._diverged and self._diverged[0] == first else "on another rank"
+            raise NonFiniteLossError(stage, first, what, self._last_state(stage))
+        if not finite:
+            raise NonFiniteLossError(stage, step, "NaN or infinite weights", self._last_state(stage))
+
+    def _save(self, stage: str, folder: Path, step: int, modules: dict, optimizers: dict) -> None:
+        """Save the state after ``step`` steps and record it as the run's newest (older ones beyond
+        ``train.keep_last`` go). Never a non-finite one: the stage stops instead."""
+        if self.world.size > 1:
+            self._agree_finite(stage, step, modules, optimizers)
+        if not (self.world.main or self.sharded):
+            return
+        extra = {"stage": stage, "run": self.stage_run.run if self.stage_run else ""}
+        try:
+            save_state(folder, step, modules, optimizers, extra, None, write=self.world.main)
+        except NonFiniteStateError as err:
+            raise NonFiniteLossError(stage, step, str(err), self._last_state(stage)) from None
+        if self.world.main:
+            record_state(self.out, stage, self.stage_run, step, self.config.train.keep_last)
+
+    def _last_state(self, stage: str) -> tuple[int, Path] | None:
+        """The run's newest recorded state (step, path), or None."""
+        current = self.stage_run if self.stage_run is not None else RunRecord.load(self.out).stages.get(stage)
+        newest = current.newest() if current is not None else None
+        return None if newest is None else (newest, state_folder(self.out, stage) / state_name(newest))
+
+    def _stopped(self, stage: str, start: int, folder: Path, modules: dict, optimizers: dict) -> Stopped:
+        """After a user's stop: save the last finished step's state unless it is saved already, the stop came
+        in the middle of a step (a second Ctrl-C), the weights are not finite, or other ranks run (a save there
+        is a collective they are not in). Returns where the stage stopped."""
+        last, note = self._last_state(stage), ""
+        if self._done > start and (last is None or last[0] != self._done):
+            if self._in_step:
+                note = " (stopped in the middle of a step)"
+            elif self.world.size > 1:
+                note = " (a stop under torchrun saves no state)"
+            elif not all_finite(saved_tensors(modules, optimizers)):
+                note = " (the weights are not finite)"
+            else:
+                self._save(stage, folder, self._done, modules, optimizers)
+                last = self._last_state(stage)
+        return Stopped(stage, self._done, last, note)
 
     def finish(self, stage: str, models: dict[str, torch.nn.Module]) -> None:
         """Keep the stage's networks and, under torchrun, check that every rank holds the same weights."""
@@ -389,8 +660,8 @@ class Trainer:
             if any(not torch.equal(gathered[0], other) for other in gathered[1:]):
                 raise RuntimeError(f"{stage}: the ranks' {name} weights differ after training: {gathered}")
         if self.world.main:
-            (self.out / f"replicas_{stage}.txt").write_text(
-                f"{self.world.size} ranks hold identical weights for {', '.join(models)}\n")
+            text = f"{self.world.size} ranks hold identical weights for {', '.join(models)}\n"
+            atomic_write(self.out / f"replicas_{stage}.txt", lambda tmp: tmp.write_text(text))
 
     def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model as this job trains it: itself (one process), FSDP2-sharded per joint block, or under DDP."""
@@ -627,10 +898,10 @@ class Trainer:
         fake = self._fake_score() if cfg.objective == "dmd" else None
         # DMD's own fake score, already warmed up on the student the branches start from (when this folder ran
         # DMD); otherwise a fresh copy of the teacher, warmed up here first (TOYWORLD.md "Pitfalls" 1).
-        dmd_states = list_states(self.out / "state" / "dmd") if fake is not None else []
-        if dmd_states:
-            load_state(dmd_states[-1], {"fake": fake}, {})
-        warmup_done = self.config.dmd.fake_warmup_steps if dmd_states else 0
+        dmd_state = on_main(self.world, lambda: stage_state(self.out, "dmd"), share=True) if fake is not None else None
+        if dmd_state is not None:
+            load_state(dmd_state, {"fake": fake}, {})
+        warmup_done = self.config.dmd.fake_warmup_steps if dmd_state is not None else 0
         fake_model = self._ddp(fake) if fake is not None else None
         fake_opt = make_optimizer(fake.parameters(), self.config.dmd.fake_optim) if fake is not None else None
         self.preview_model = RoutedMMDiT(branches["high"], branches["low"], cfg.boundary)
@@ -700,6 +971,10 @@ class Trainer:
         path = self.stage_output(name)
         state = mmdit.state_dict() if isinstance(mmdit, torch.nn.Module) else mmdit
         state = {k: whole(v) for k, v in state.items()}  # gathers FSDP shards: every rank takes part
+        bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise NonFiniteLossError(stage or name, iterations, f"'{bad}' is NaN or infinite; '{path}' not written",
+                                     self._last_state(stage or name) if (stage or name) in STAGES else None)
         if not self.world.main:
             return path
         source_path = parts_from or self.config.model.teacher
@@ -727,23 +1002,34 @@ def image_grid(images: list, columns: int | None = None):
 
 
 def run_stages(config: Config, stage: str = "all", resume: bool = False, progress: bool = True,
-               teacher_pipe_factory: Callable | None = None) -> Path:
+               teacher_pipe_factory: Callable | None = None, overwrite: bool = False) -> Path:
     """The headless entry point (CLI and ComfyUI nodes): ``data``, one training stage (``teacher`` included), or
-    ``all``: the data and the distillation stages in order (the teacher is its own stage: it comes first)."""
+    ``all``: the data and the distillation stages in order (the teacher is its own stage: it comes first).
+
+    The run folder's lock is held throughout; before any work, a stage that would start at step 0 where another
+    run's states are is refused unless ``resume`` or ``overwrite`` (see :meth:`Trainer.run`)."""
     from .data import make_teacher_data
 
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or start it over")
     stages = ["data", *DISTILLATION_STAGES] if stage == "all" else [stage]
     world = World.from_env(config)
-    result = Path(config.train.out)
-    for name in stages:
-        if name == "data":
-            if world.main:
-                pipe = (teacher_pipe_factory or _teacher_pipe)(config)
-                result = make_teacher_data(config, pipe, progress)
-            if world.size > 1:
-                dist.barrier()
-        else:
-            result = Trainer(config, world, progress).run(name, resume)
+    out = result = Path(config.train.out)
+    with run_lock(world, out):
+        for name in stages:
+            if name in ("teacher", *DISTILLATION_STAGES):
+                on_main(world, lambda name=name: check_start(out, name, resume, overwrite))
+        for name in stages:
+            if name == "data":
+                if world.main:
+                    pipe = (teacher_pipe_factory or _teacher_pipe)(config)
+                    result = make_teacher_data(config, pipe, progress)
+                if world.size > 1:
+                    dist.barrier()
+            else:
+                trainer = Trainer(config, world, progress)
+                trainer.lock_held = True
+                result = trainer.run(name, resume, overwrite)
     return result
 
 

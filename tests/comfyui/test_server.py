@@ -193,7 +193,7 @@ def test_example_workflow_runs_to_a_saved_image(server, path):
         progress = [m["data"] for m in messages if m["type"] == "sd35_flash.train_progress"]
         assert {p["stage"] for p in progress} == {"pretrain", "dmd", "split"}
         assert any(p["step"] == 2 and p["values"].get("loss") is not None for p in progress)
-        assert (server["base"] / "models" / "checkpoints" / "sd35_flash_student.safetensors").exists()
+        assert (server["base"] / "models" / "checkpoints" / "sd35_flash_student_00001_.safetensors").exists()
     cached = {n for m in messages if m["type"] == "execution_cached" for n in m["data"]["nodes"]}
     reports = [m["data"] for m in messages if m["type"] == "sd35_flash.loader_info"]
     if loader not in cached:  # a loader that ran (rather than came from ComfyUI's cache) reported what it found

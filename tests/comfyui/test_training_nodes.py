@@ -47,9 +47,9 @@ def test_the_training_chain_runs_in_comfyui_and_saves_a_loadable_student(comfy_d
     training, model = n["TrainDMD"].train(training, 2, 1e-5, "shared_next", 2.0, 1, 0.0, False)
     training, model = n["TrainSplit"].train(training, 2, 1e-5, 500.0, 0.5, False)
     training, remerged = n["TrainMerge"].train(training, 0.3)
-    result = n["TrainSave"].save(training, "latest", "distilled_student")
-    assert (comfy_dirs / "checkpoints" / "distilled_student.safetensors").exists(), result
-    loaded, clip, vae = n["CheckpointLoader"].load("distilled_student.safetensors", "auto", "fp32")
+    result = n["TrainSave"].save(training, "latest", "distilled_student")  # a new numbered file, as SaveImage's
+    assert (comfy_dirs / "checkpoints" / "distilled_student_00001_.safetensors").exists(), result
+    loaded, clip, vae = n["CheckpointLoader"].load("distilled_student_00001_.safetensors", "auto", "fp32")
     from sd35_flash.nodes.native import flash_metadata
 
     assert flash_metadata(loaded).student_sigmas == [1.0, 0.9, 0.75, 0.5, 0.0]

@@ -298,7 +298,7 @@ def write_config(path: Path, table: dict):
 
 def stage_teacher(b: Build) -> dict:
     config = write_config(b.path("teacher", "teacher.toml"), teacher_config(b))
-    Trainer(config, World(), progress=b.progress).run("teacher", resume=b.resume)
+    Trainer(config, World(), progress=b.progress).run("teacher", resume=b.resume, overwrite=not b.resume)
     return {"files": ["teacher/teacher.toml", "teacher/teacher.safetensors", "teacher/log_teacher.csv"]}
 
 
@@ -314,7 +314,7 @@ def _student_stage(b: Build, stage: str, steps_list: tuple[int, ...]) -> dict:
     outputs = []
     for steps in steps_list:
         config = write_config(b.path("students", f"step{steps}.toml"), student_config(b, steps))
-        path = Trainer(config, World(), progress=b.progress).run(stage, resume=b.resume)
+        path = Trainer(config, World(), progress=b.progress).run(stage, resume=b.resume, overwrite=not b.resume)
         outputs.append(str(path.relative_to(b.out)))
     return {"files": outputs}
 
@@ -379,7 +379,7 @@ def _train_variant(config_path: str, stages: list[str], resume: bool, threads: i
         output = Path(config.train.out) / ("merged" if stage == "split" else stage)
         if resume and output.with_suffix(".safetensors").exists():
             continue  # a finished run of an interrupted variants stage
-        Trainer(config, World(), progress=False).run(stage, resume=resume)
+        Trainer(config, World(), progress=False).run(stage, resume=resume, overwrite=not resume)
     return round(time.perf_counter() - tic, 2)
 
 
