@@ -334,7 +334,9 @@ def test_refusals_say_what_to_do(folder):
     bad = {**tensors, f"{t5}.weight_scale": torch.ones(3)}  # a T5 scale that fits no packed weight
     schemes = {**json.loads(metadata[METADATA_KEY]), "t5": {"format": "int8", "layers": 1, "exclude": []}}
     atomic_save(bad, folder / "t5_bad.safetensors", {**metadata, METADATA_KEY: json.dumps(schemes)})
-    with pytest.raises(CheckpointError, match=r"T5-XXL.*SelfAttention\.q\.weight' is torch\.float32, expected torch\.int8"):
+    # the stored scheme is checked against the tensors before anything loads (issue 13: metadata is untrusted)
+    with pytest.raises(CheckpointError,
+                       match=r"t5_bad\.safetensors.*SelfAttention\.q\.weight' is torch\.float32, expected torch\.int8"):
         loader().load("t5_bad.safetensors", "on", "fp32")
     with pytest.raises(FlashError, match="SD3 / SD3.5 model"):
         from types import SimpleNamespace
