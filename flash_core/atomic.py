@@ -1,8 +1,8 @@
 """Files written whole or not at all: a temporary file beside the destination, then a rename.
 
 Every file the project writes (PNGs, checkpoints, quantized copies, teacher data, training logs) goes through
-:func:`atomic_write`. The temporary file is named ``.NAME.XXXXXXXX.tmp`` (``XXXXXXXX``: :mod:`tempfile`'s
-random part) in the destination's folder, so the rename never crosses file systems. It gets the permissions
+:func:`atomic_write`. The temporary file is named ``.NAME.<random>.tmp`` (``<random>``: the 8 characters of
+:mod:`tempfile`'s random part) in the destination's folder, so the rename never crosses file systems. It gets the permissions
 the user's umask gives a new file (``tempfile`` makes ``0600`` files), it is removed when the write fails or is
 interrupted (KeyboardInterrupt, and SIGTERM inside :func:`sigterm_raises`), and such files older than an hour
 beside the destination (left by a killed process) are removed before the next write; :func:`remove_temps` removes
@@ -67,7 +67,7 @@ def _reason(err: OSError) -> str:
 
 
 def _temp_stem(path: Path) -> str:
-    """The destination's name as the temporary name holds it: cut so ``.NAME.XXXXXXXX.tmp`` stays under the
+    """The destination's name as the temporary name holds it: cut so ``.NAME.<random>.tmp`` stays under the
     file system's limit when ``NAME`` itself fits."""
     name = path.name
     while len(os.fsencode(name)) > _NAME_IN_TEMP:
