@@ -397,3 +397,14 @@ def test_a_restored_pos_embed_uses_only_known_dtypes():
     with pytest.raises(ValueError, match="pos_embed must be"):
         quant.parse_schemes(json.dumps({"mmdit": {"format": "int8", "pos_embed": {
             "table": "sincos", "shape": [1, 64, 128], "dtype": "__class__"}}}))
+
+
+def test_a_config_without_a_teacher_names_the_key(tmp_path, capsys):
+    """An empty config file: the distillation stages need ``model.teacher`` and say so (it used to name '.')."""
+    from sd35_flash.training.cli import main as train_main
+
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    assert train_main([str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.teacher" in err and "Traceback" not in err

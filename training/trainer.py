@@ -1013,6 +1013,9 @@ def run_stages(config: Config, stage: str = "all", resume: bool = False, progres
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it over")
     stages = ["data", *DISTILLATION_STAGES] if stage == "all" else [stage]
+    if not config.model.teacher.strip() and any(name != "teacher" for name in stages):
+        raise ConfigError(f"model.teacher: stage '{stage}' needs the teacher checkpoint (a .safetensors file or a "
+                          "diffusers folder); the config names none")
     world = World.from_env(config)
     out = result = Path(config.train.out)
     with run_lock(world, out):
