@@ -80,22 +80,29 @@ def temp_pattern(path: str | os.PathLike) -> re.Pattern:
     return re.compile(rf"\.{re.escape(_temp_stem(Path(path)))}\.{_RANDOM}{re.escape(TEMP_SUFFIX)}")
 
 
-def remove_stale_temps(path: str | os.PathLike, max_age: float = STALE_AFTER) -> list[Path]:
-    """Remove our temporary files for ``path`` (see :func:`temp_pattern`) older than ``max_age`` seconds from
-    its folder; returns those removed. Anything else, and anything that cannot be read, is left alone."""
-    path = Path(path)
-    pattern, cutoff, removed = temp_pattern(path), time.time() - max_age, []
+def _remove_files_where(folder: str | os.PathLike, wanted: Callable[[os.DirEntry], bool]) -> list[Path]:
+    """Remove the plain files of ``folder`` that ``wanted`` picks; returns those removed. Links, folders and
+    anything that cannot be read are left alone."""
+    removed: list[Path] = []
     try:
-        entries = list(os.scandir(path.parent))
+        entries = list(os.scandir(folder))
     except OSError:
         return removed
     for entry in entries:
         with contextlib.suppress(OSError):
-            if (pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
-                    and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+            if entry.is_file(follow_symlinks=False) and wanted(entry):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
     return removed
+
+
+def remove_stale_temps(path: str | os.PathLike, max_age: float = STALE_AFTER) -> list[Path]:
+    """Remove our temporary files for ``path`` (see :func:`temp_pattern`) older than ``max_age`` seconds from
+    its folder; returns those removed. Anything else, and anything that cannot be read, is left alone."""
+    path = Path(path)
+    pattern, cutoff = temp_pattern(path), time.time() - max_age
+    return _remove_files_where(path.parent, lambda entry: bool(pattern.fullmatch(entry.name))
+                               and entry.stat(follow_symlinks=False).st_mtime < cutoff)
 
 
 ANY_TEMP = re.compile(rf"\.(?P<destination>.+)\.{_RANDOM}{re.escape(TEMP_SUFFIX)}")
@@ -106,18 +113,11 @@ def remove_temps(folder: str | os.PathLike, destinations: re.Pattern) -> list[Pa
     ``destinations`` (``fullmatch``), whatever its age: for a caller that knows no other process writes there
     (it holds the folder's lock), so such files are left over from a stopped process. Returns those removed;
     links, folders and anything that cannot be read are left alone."""
-    removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
+    def wanted(entry: os.DirEntry) -> bool:
         found = ANY_TEMP.fullmatch(entry.name)
-        with contextlib.suppress(OSError):
-            if found and destinations.fullmatch(found["destination"]) and entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    return removed
+        return found is not None and destinations.fullmatch(found["destination"]) is not None
+
+    return _remove_files_where(folder, wanted)
 
 
 def _existing_folder(path: Path, what: str) -> Path:

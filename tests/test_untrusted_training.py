@@ -106,6 +106,17 @@ def train(config, stage: str = "pretrain", resume: bool = False, **kwargs) -> Tr
     return trainer
 
 
+def killed_beside_a_whole_run(make, first: str = "whole"):
+    """``(first, broken)``: a run trained to the end, and one of the same config killed at step 5 (states at
+    steps 2 and 4)."""
+    done = make(first)
+    train(done)
+    broken = make("broken")
+    with pytest.raises(Killed):
+        train(broken, on_step=kill_after(5))
+    return done, broken
+
+
 def states(config, stage: str = "pretrain") -> Path:
     return Path(config.train.out) / "state" / stage
 
@@ -194,11 +205,7 @@ def test_resume_takes_the_runs_own_newest_state_not_the_largest_step_number(make
 
 
 def test_a_truncated_newest_state_falls_back_to_the_previous_one_and_the_result_is_bit_exact(make, caplog):
-    whole = make("whole")
-    train(whole)
-    broken = make("broken")
-    with pytest.raises(Killed):
-        train(broken, on_step=kill_after(5))  # states at steps 2 and 4
+    whole, broken = killed_beside_a_whole_run(make)  # states at steps 2 and 4
     newest = states(broken) / "step_000004.safetensors"
     newest.write_bytes(newest.read_bytes()[:5000])
     caplog.set_level("WARNING")
@@ -216,11 +223,7 @@ def test_a_truncated_newest_state_falls_back_to_the_previous_one_and_the_result_
 
 def test_a_folder_from_before_run_records_is_adopted_on_resume(make, caplog):
     """States written by an older version (no run.json, no run id in them) resume in step order."""
-    whole = make("whole")
-    train(whole)
-    broken = make("broken")
-    with pytest.raises(Killed):
-        train(broken, on_step=kill_after(5))
+    whole, broken = killed_beside_a_whole_run(make)
     (Path(broken.train.out) / RECORD).unlink()
     caplog.set_level("WARNING")
     train(broken, resume=True)
@@ -231,11 +234,7 @@ def test_a_folder_from_before_run_records_is_adopted_on_resume(make, caplog):
 
 
 def test_a_newest_state_saved_by_another_run_is_skipped(make, caplog):
-    other = make("other")
-    train(other)
-    broken = make("broken")
-    with pytest.raises(Killed):
-        train(broken, on_step=kill_after(5))
+    other, broken = killed_beside_a_whole_run(make, "other")
     shutil.copy(states(other) / "step_000004.safetensors", states(broken) / "step_000004.safetensors")
     caplog.set_level("WARNING")
     train(broken, resume=True)
@@ -551,16 +550,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_pretrain(config, tmp_path) -> subprocess.CompletedProcess:
+    """``sd35-flash-train`` on ``config``'s pretrain stage in 2 gloo processes (torchrun), one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "sd35_flash.training", toml(config, tmp_path / "run.toml"), "--stage",
+               "pretrain", "--quiet", "--threads", "1"]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=240)
+
+
 def test_under_torchrun_every_rank_stops_when_rank_0_refuses_the_folder(make, tmp_path):
     """Rank 0 alone reads the folder and takes the lock; its refusal reaches the other rank, which would wait
     in a collective forever otherwise."""
     config = make("run", pretrain={"iterations": 2})
     train(config)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "sd35_flash.training", toml(config, tmp_path / "run.toml"), "--stage",
-               "pretrain", "--quiet", "--threads", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    result = torchrun_pretrain(config, tmp_path)
     assert result.returncode != 0
     # one line from each rank (their lines may interleave; torchrun adds its own report)
     assert result.stderr.count("pass --resume to continue it or --overwrite") == 2, result.stderr[-3000:]
@@ -571,11 +575,7 @@ def test_under_torchrun_a_divergence_stops_every_rank_at_the_next_save_without_s
     """Each rank notes its first non-finite step (no sync per step); at the next state save the ranks agree (one
     all-reduce) and all stop naming that step, before anything non-finite is written."""
     config = make("run", train={"checkpoint_every": 3}, pretrain={"iterations": 8, "optim": {"lr": 1e30}})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "sd35_flash.training", toml(config, tmp_path / "run.toml"), "--stage",
-               "pretrain", "--quiet", "--threads", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    result = torchrun_pretrain(config, tmp_path)
     assert result.returncode != 0
     assert result.stderr.count("pretrain: the training diverged at step 2 (") == 2, result.stderr[-3000:]
     assert result.stderr.count("no state was saved before it") == 2
