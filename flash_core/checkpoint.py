@@ -1,6 +1,6 @@
 """Checkpoint I/O: official single files, split files and diffusers folders (sharded too); metadata; errors.
 
-Layouts are described in CHECKPOINTS.md. Everything is read with safetensors; pickle files are refused.
+Layouts are described in docs/checkpoints.md. Everything is read with safetensors; pickle files are refused.
 Tensors are indexed first (names, shapes and dtypes from the headers) and read only when needed, so
 ``sd35-flash info`` never loads weights and a component is read without touching the others.
 
@@ -29,7 +29,7 @@ from .keymaps import vae as vae_keys
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
-# Official single-file prefixes (CHECKPOINTS.md section 1).
+# Official single-file prefixes (docs/checkpoints.md "Official single file").
 MMDIT_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {
@@ -37,7 +37,7 @@ TEXT_PREFIXES = {
     "clip_g": "text_encoders.clip_g.transformer.",
     "t5": "text_encoders.t5xxl.transformer.",
 }
-# diffusers folder: component -> subfolder (CHECKPOINTS.md section 2).
+# diffusers folder: component -> subfolder (docs/checkpoints.md "diffusers folder").
 DIFFUSERS_FOLDERS = {
     "mmdit": "transformer",
     "vae": "vae",
@@ -392,7 +392,7 @@ def component_state_dict(files: CheckpointFiles, component: str, dtype: torch.dt
 
 def packed_keys(keys: Iterable[str]) -> set[str]:
     """Keys of quantized layers (packed weight and scale) and the fp8 marker: their dtype is their format, so
-    reading never casts them (flash_core/quant.py)."""
+    reading never casts them (flash_core/quant/formats.py)."""
     from .quant import FP8_MARKER, SCALE_KEY
 
     out = set()
@@ -469,7 +469,7 @@ def load_mmdit(path_or_state_dict, dtype: torch.dtype | None = None, device: str
                quant_scheme=None, backend: str = "dequant"):
     """Build the MM-DiT from a file, a folder or a state dict (official or diffusers names, any prefix).
 
-    The architecture is inferred from the weights (CHECKPOINTS.md "Architecture inferred ...");
+    The architecture is inferred from the weights (docs/checkpoints.md "Architecture inferred from the MM-DiT state dict");
     ``dtype=None`` keeps the stored dtype. A quantized file is recognised from its metadata; for a state dict,
     ``quant_scheme`` (a :class:`~.quant.QuantScheme`) says its Linears are packed. Packed layers become
     :class:`~.quant.QuantizedLinear` running through ``backend``.
@@ -617,13 +617,13 @@ _READERS = {
 
 @dataclass
 class FlashMetadata:
-    """What this project writes into ``__metadata__`` (CHECKPOINTS.md "What this project writes")."""
+    """What this project writes into ``__metadata__`` (docs/checkpoints.md "What this project writes")."""
 
     architecture: dict | None = None
     student_sigmas: list[float] | None = None
     sampler_mode: str | None = None
     t5: str | None = None            # e.g. "optional: 77 CLIP tokens when off"
-    quantization: str | None = None  # e.g. "bf16", "int8-weight-only"
+    quantization: str | None = None  # the JSON quantization schemes (flash_core/quant/scheme.py write_schemes)
     training: dict | None = None     # stage, iterations, config hash
     format_version: int = FORMAT_VERSION
 

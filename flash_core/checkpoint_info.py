@@ -21,7 +21,9 @@ from .checkpoint import (
     logical_component_shapes,
     packed_keys,
 )
+from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError
+from .vae import RELEASED_DOWNSCALE
 
 COMPONENT_NAMES = {
     "mmdit": "MM-DiT",
@@ -32,7 +34,6 @@ COMPONENT_NAMES = {
 }
 
 
-RELEASED_DOWNSCALE = 8  # pixels per latent of the released SD3 VAE: what ComfyUI's EmptySD3LatentImage assumes
 DEFAULT_IMAGE_SIZE = 1024  # the image side drawn when none is asked for, unless the model's largest is smaller
 METADATA_SHOWN = 200  # characters of a metadata value that ``info`` prints; longer values are cut
 SD3_ROWS = 77  # SD3's CLIP and T5 token rows (flash_core.text CLIP_LENGTH, T5_DEFAULT_LENGTH)
@@ -259,7 +260,7 @@ def _human(n: float, unit: str = "") -> str:
 
 def quantization_lines(files: CheckpointFiles, backends: bool = False) -> list[str]:
     """One line per quantized component: format, layers, group size and, with ``backends``, the runtime
-    backend that would run it on this machine (``auto``: measured now, flash_core/quant.py)."""
+    backend that would run it on this machine (``auto``: measured now, flash_core/quant/backends.py)."""
     from .quant import GROUPED, choose_backend
 
     lines = []
@@ -270,8 +271,6 @@ def quantization_lines(files: CheckpointFiles, backends: bool = False) -> list[s
         group = f", group {scheme.group_size}" if scheme.fmt in GROUPED else ""
         line = f"  {COMPONENT_NAMES[component]} quantization: {scheme.fmt}, {scheme.layers} layers{group}"
         if backends:
-            from .pipeline import resolve_device, resolve_dtype
-
             device = resolve_device("auto")
             width = 1024
             if component == "mmdit":

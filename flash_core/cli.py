@@ -11,14 +11,15 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from .atomic import Terminated, atomic_write, check_destination, sigterm_raises
+from .atomic import atomic_write, check_destination, sigterm_raises
+from .console import OneLineParser, run_guarded
+from .demo import DEMO_CHECKPOINT
 from .errors import FlashError
 from .quant import BACKENDS, DEFAULT_EXCLUDE, DEFAULT_GROUP_SIZE, FORMATS
-
-DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "demo" / "sd35_flash_demo.safetensors"
+from .vae import RELEASED_DOWNSCALE
 
 
 class UsageError(FlashError):
@@ -70,19 +71,6 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
     return value
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block), status 2 (also ``sd35-flash-train``'s parser)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def one_line(err: BaseException) -> str:
-    """An error message folded onto one line (multi-line messages list places looked, for example)."""
-    lines = (line.strip() for line in str(err).splitlines())
-    return "; ".join(line[2:] if line.startswith("- ") else line for line in lines if line)  # "- " bullets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +188,7 @@ def save_png(image, path: Path, chunks: dict | None = None) -> None:
                                               compress_level=4))  # SaveImage's compression level
 
 
-def comfyui_graph(args: argparse.Namespace, checkpoint: Path, downscale_factor: int = 8) -> tuple[dict, dict]:
+def comfyui_graph(args: argparse.Namespace, checkpoint: Path, downscale_factor: int = RELEASED_DOWNSCALE) -> tuple[dict, dict]:
     """The ComfyUI graph of this run, ``(api_prompt, ui_workflow)``: what the PNG's prompt/workflow chunks hold.
     ``downscale_factor``: the VAE's pixels per latent (the graph's EmptySD3LatentImage is sized for it)."""
     from .graph import generation_graph
@@ -282,8 +270,8 @@ def generate_checkpoint(args: argparse.Namespace) -> Path:
 def check_memory(args: argparse.Namespace, files, device) -> None:
     """Without ``--memory``: refuse a run whose estimated peak (flash_core/memory.py) exceeds the free memory of
     its device, with the estimate, before anything loads."""
+    from .devices import resolve_dtype
     from .memory import check_fits
-    from .pipeline import resolve_dtype
 
     check_fits(files, device, dtype=resolve_dtype(args.dtype, device), width=args.width, height=args.height,
                batch=args.batch, cfg=args.cfg, steps=args.steps, weights=args.weights,
@@ -291,7 +279,8 @@ def check_memory(args: argparse.Namespace, files, device) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline import FlashPipeline, NonFiniteImageError, resolve_device
+    from .devices import resolve_device
+    from .pipeline import FlashPipeline, NonFiniteImageError
 
     paths = checked_outputs(args.out, args.batch)
     check_text("--prompt", args.prompt)
@@ -330,8 +319,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def memory_plan(args: argparse.Namespace, checkpoint: Path):
     """The memory tier for this run (flash_core/memory.py), from the headers of every file involved."""
+    from .devices import resolve_device, resolve_dtype
     from .memory import parse_budget, plan_memory
-    from .pipeline import resolve_device, resolve_dtype
 
     device = resolve_device(args.device, what="--device")
     files = run_files(args, checkpoint)
@@ -361,36 +350,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize}
-
-
-def out_of_memory(err: BaseException) -> bool:
-    """MemoryError, torch's OutOfMemoryError, or the CPU allocator's refusal (a plain RuntimeError)."""
-    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
-            or "can't allocate memory" in str(err))
-
-
-EXPECTED_ERRORS = (FlashError, ValueError, OSError)
-
-
-def run_guarded(prog: str, work: Callable[[], int], stopped: str = "") -> int:
-    """``work()``, with every expected failure as one stderr line: an error (:data:`EXPECTED_ERRORS`, or running
-    out of memory) status 2, SIGTERM 143, Ctrl-C 130; ``stopped`` is added to the line of a stop (what to do next).
-    The entry points of ``sd35-flash``, ``sd35-flash-train`` and the toy-world build share it."""
-    try:
-        return work()
-    except EXPECTED_ERRORS as err:
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except (MemoryError, RuntimeError) as err:
-        if not out_of_memory(err):
-            raise
-        print(f"{prog}: error: out of memory ({one_line(err)[:200]}); lower --batch or --width/--height, "
-              "or pass --memory auto to plan offloading and quantization", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        terminated = isinstance(err, Terminated)
-        print(f"{prog}: {'stopped (SIGTERM)' if terminated else 'interrupted'}{stopped}", file=sys.stderr)
-        return 128 + Terminated.signum if terminated else 130
 
 
 def run_command(args: argparse.Namespace) -> int:

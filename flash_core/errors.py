@@ -11,3 +11,9 @@ class CheckpointError(FlashError, ValueError):
 
 class TokenizerNotFoundError(FlashError, FileNotFoundError):
     """No tokenizer files were found where they were looked for."""
+
+
+def one_line(err: BaseException) -> str:
+    """An error message folded onto one line (multi-line messages list places looked, for example)."""
+    lines = (line.strip() for line in str(err).splitlines())
+    return "; ".join(line[2:] if line.startswith("- ") else line for line in lines if line)  # "- " bullets

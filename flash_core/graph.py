@@ -2,120 +2,25 @@
 SaveImage stores as the PNG ``prompt`` chunk) and the UI workflow (LiteGraph 0.4 JSON, what the editor opens,
 stored as the ``workflow`` chunk and shipped in ``example_workflows/``).
 
-Pure Python, no ComfyUI import. :data:`NODE_SPECS` describes exactly the node types our graphs use;
-tests/test_workflows.py checks it against our nodes' ``INPUT_TYPES`` and against a snapshot of a real ComfyUI's
-``/object_info`` (tests/data/stock_nodes.json), so it cannot drift from the schemas ComfyUI will load it with.
-
-``python -m sd35_flash.flash_core.graph --write-examples example_workflows`` regenerates the example workflows.
+Pure Python, no ComfyUI import. The node types come from one table, :data:`.node_specs.NODE_SPECS`, which our
+node classes take their schemas from and which tests/test_workflows.py checks against a snapshot of a real
+ComfyUI's ``/object_info`` (tests/data/stock_nodes.json), so a graph cannot drift from the schemas ComfyUI will
+load it with. ``sd35-flash generate`` embeds :func:`generation_graph` in its PNGs, and nodes/workflows.py writes
+the example workflows with this builder.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")  # inputs the editor shows as widgets, not slots
+from .demo import DEMO_FILE_NAME
+from .node_specs import NODE_SPECS, NodeSpec
+from .vae import RELEASED_DOWNSCALE
+
 CONTROL_AFTER_GENERATE = "fixed"  # the seed widget's companion value: keep the seed, so the graph reproduces
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
-DEMO_CHECKPOINT_NAME = "sd35_flash_demo.safetensors"
-EXAMPLE_PROMPT = "a large red circle at the top"  # in the demo model's vocabulary (training/toyworld/world.py)
-# The demo model (training/toyworld): 16 px images from a VAE without downsampling (1 pixel per latent), so its
-# EmptySD3LatentImage is 128 x 128 (ComfyUI divides by 8: a 16 x 16 latent), and VAEDecode gives 16 px.
-DEMO_IMAGE_SIZE = 16
-DEMO_DOWNSCALE = 1
-DEMO_SHOW_SIZE = 128  # the demo example enlarges its 16 px image (nearest) to this before saving
 SEED_RANGE = 2 ** 64  # ComfyUI's seed widgets take 0 .. 2**64 - 1; torch seeds a negative s as s mod 2**64
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One input of a node type, in the node's input order (required, then optional)."""
-
-    name: str
-    type: str  # a ComfyUI type ("MODEL", "LATENT" ...) or a widget type (WIDGET_TYPES; "COMBO" for lists)
-    optional: bool = False
-    control: bool = False  # an INT widget followed by a control_after_generate value in the UI format
-
-    @property
-    def is_widget(self) -> bool:
-        return self.type in WIDGET_TYPES
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    """What a graph needs to know about a node type: its default title, inputs and outputs."""
-
-    title: str
-    inputs: tuple[Slot, ...]
-    outputs: tuple[tuple[str, str], ...]  # (name, type) per output slot
-    size: tuple[int, int] | None = None  # editor size; computed from the slots where None
-
-    @property
-    def links(self) -> tuple[Slot, ...]:
-        return tuple(s for s in self.inputs if not s.is_widget)
-
-    @property
-    def widgets(self) -> tuple[Slot, ...]:
-        return tuple(s for s in self.inputs if s.is_widget)
-
-
-def _spec(title: str, inputs: str, outputs: str, size: tuple[int, int] | None = None) -> NodeSpec:
-    """``inputs``: ``name:TYPE`` words in input order; ``?`` after the type marks an optional input and ``*`` a
-    control_after_generate widget. ``outputs``: ``TYPE`` or ``name:TYPE`` words."""
-    slots = tuple(Slot(name, kind.rstrip("?*"), optional=kind.endswith("?"), control=kind.endswith("*"))
-                  for name, _, kind in (word.partition(":") for word in inputs.split()))
-    outs = tuple((name, kind or name) for name, _, kind in (word.partition(":") for word in outputs.split()))
-    return NodeSpec(title, slots, outs, size)
-
-
-NODE_SPECS: dict[str, NodeSpec] = {
-    # ours (nodes/)
-    "SD35FlashCheckpointLoader": _spec("Flash Checkpoint Loader",
-                                       "ckpt_name:COMBO t5:COMBO weight_dtype:COMBO quantize:COMBO?", "MODEL CLIP VAE"),
-    "SD35FlashTextEncoderLoader": _spec("Triple Text Encoder Loader (T5 optional)",
-                                        "clip_l:COMBO clip_g:COMBO t5xxl:COMBO", "CLIP"),
-    "SD35FlashVAELoader": _spec("Flash VAE Loader", "vae_name:COMBO", "VAE"),
-    "SD35FlashQuantizeModel": _spec("Quantize MODEL (SD3.5 Flash)", "model:MODEL format:COMBO group_size:INT", "MODEL"),
-    "SD35FlashScheduler": _spec("Flash Scheduler", "model:MODEL steps:INT denoise:FLOAT", "SIGMAS"),
-    "SD35FlashSampler": _spec("Flash Sampler", "model:MODEL positive:CONDITIONING latent_image:LATENT seed:INT* "
-                              "steps:INT cfg:FLOAT mode:COMBO denoise:FLOAT negative:CONDITIONING?", "LATENT"),
-    "SD35FlashTrainSetup": _spec("Flash Distillation Setup",
-                                 "teacher:COMBO prompts:STRING run_name:STRING student_steps:COMBO width:INT "
-                                 "height:INT samples_per_prompt:INT batch_size:INT seed:INT* student_init:MODEL? "
-                                 "config_toml:STRING?", "training:FLASH_TRAINING", size=(420, 420)),
-    "SD35FlashTrainData": _spec("Flash Teacher Data", "training:FLASH_TRAINING teacher_steps:INT teacher_cfg:FLOAT",
-                                "training:FLASH_TRAINING"),
-    "SD35FlashTrainPretrain": _spec("Flash Trajectory Pre-training", "training:FLASH_TRAINING iterations:INT "
-                                    "lr:FLOAT loss:COMBO resume:BOOLEAN", "training:FLASH_TRAINING MODEL",
-                                    size=(420, 320)),
-    "SD35FlashTrainDMD": _spec("Flash DMD (timestep sharing)", "training:FLASH_TRAINING iterations:INT lr:FLOAT "
-                               "score_sample:COMBO real_cfg:FLOAT fake_updates_per_step:INT "
-                               "trajectory_weight:FLOAT resume:BOOLEAN", "training:FLASH_TRAINING MODEL",
-                               size=(420, 380)),
-    "SD35FlashTrainSplit": _spec("Flash Split Fine-tune + Merge", "training:FLASH_TRAINING iterations:INT "
-                                 "lr:FLOAT boundary:FLOAT merge_alpha:FLOAT resume:BOOLEAN",
-                                 "training:FLASH_TRAINING MODEL", size=(420, 340)),
-    "SD35FlashTrainSave": _spec("Save Flash Checkpoint", "training:FLASH_TRAINING stage:COMBO filename:STRING "
-                                "overwrite:BOOLEAN?", ""),
-    # ComfyUI's (stock)
-    "CLIPTextEncode": _spec("CLIP Text Encode (Prompt)", "text:STRING clip:CLIP", "CONDITIONING", size=(420, 180)),
-    "EmptySD3LatentImage": _spec("EmptySD3LatentImage", "width:INT height:INT batch_size:INT", "LATENT"),
-    "VAEDecode": _spec("VAE Decode", "samples:LATENT vae:VAE", "IMAGE"),
-    "SaveImage": _spec("Save Image", "images:IMAGE filename_prefix:STRING", "", size=(420, 470)),
-    "ImageScale": _spec("Upscale Image", "image:IMAGE upscale_method:COMBO width:INT height:INT crop:COMBO", "IMAGE"),
-    "SamplerCustomAdvanced": _spec("SamplerCustomAdvanced", "noise:NOISE guider:GUIDER sampler:SAMPLER "
-                                   "sigmas:SIGMAS latent_image:LATENT", "output:LATENT denoised_output:LATENT"),
-    "RandomNoise": _spec("RandomNoise", "noise_seed:INT*", "NOISE"),
-    "BasicGuider": _spec("BasicGuider", "model:MODEL conditioning:CONDITIONING", "GUIDER"),
-    "CFGGuider": _spec("CFGGuider", "model:MODEL positive:CONDITIONING negative:CONDITIONING cfg:FLOAT", "GUIDER"),
-    "KSamplerSelect": _spec("KSamplerSelect", "sampler_name:COMBO", "SAMPLER"),
-}
-OUR_NODE_TYPES = tuple(t for t in NODE_SPECS if t.startswith("SD35Flash"))
-STOCK_NODE_TYPES = tuple(t for t in NODE_SPECS if not t.startswith("SD35Flash"))
 
 
 @dataclass(frozen=True)
@@ -282,13 +187,13 @@ def _name(path: str | os.PathLike | None) -> str | None:
     return None if path is None else Path(path).name
 
 
-def generation_graph(prompt: str, *, checkpoint: str | os.PathLike = DEMO_CHECKPOINT_NAME, negative: str = "",
+def generation_graph(prompt: str, *, checkpoint: str | os.PathLike = DEMO_FILE_NAME, negative: str = "",
                      steps: int = 4, seed: int = 0, width: int = 1024, height: int = 1024, cfg: float = 1.0,
                      batch: int = 1, use_t5: bool = True, dtype: str = "auto", mode: str | None = None,
                      vae: str | os.PathLike | None = None, clip_l: str | os.PathLike | None = None,
                      clip_g: str | os.PathLike | None = None, t5: str | os.PathLike | None = None,
-                     filename_prefix: str = "sd35_flash", quantize: str = "none", downscale_factor: int = 8,
-                     show_at: int | None = None) -> tuple[dict, dict]:
+                     filename_prefix: str = "sd35_flash", quantize: str = "none",
+                     downscale_factor: int = RELEASED_DOWNSCALE, show_at: int | None = None) -> tuple[dict, dict]:
     """The ComfyUI graph that does what ``sd35-flash generate`` does with these arguments (file arguments by
     their file name, as ComfyUI lists them): ``(api_prompt, ui_workflow)``.
 
@@ -325,15 +230,17 @@ def generation_graph(prompt: str, *, checkpoint: str | os.PathLike = DEMO_CHECKP
     return g.api(), g.workflow()
 
 
-def empty_latent_size(width: int, height: int, downscale_factor: int = 8) -> dict[str, int]:
+def empty_latent_size(width: int, height: int, downscale_factor: int = RELEASED_DOWNSCALE) -> dict[str, int]:
     """EmptySD3LatentImage's ``width`` / ``height`` for an image of ``width`` x ``height`` pixels from a VAE of
     ``downscale_factor`` pixels per latent (ComfyUI's node always divides by 8)."""
-    return {"width": width * 8 // downscale_factor, "height": height * 8 // downscale_factor}
+    return {"width": width * RELEASED_DOWNSCALE // downscale_factor,
+            "height": height * RELEASED_DOWNSCALE // downscale_factor}
 
 
-def native_sampler_graph(prompt: str, *, checkpoint: str = DEMO_CHECKPOINT_NAME, steps: int = 4, seed: int = 0,
+def native_sampler_graph(prompt: str, *, checkpoint: str = DEMO_FILE_NAME, steps: int = 4, seed: int = 0,
                          width: int = 1024, height: int = 1024, sampler: str = "euler",
-                         filename_prefix: str = "sd35_flash", downscale_factor: int = 8) -> tuple[dict, dict]:
+                         filename_prefix: str = "sd35_flash",
+                         downscale_factor: int = RELEASED_DOWNSCALE) -> tuple[dict, dict]:
     """The Flash Scheduler's sigmas on ComfyUI's own SamplerCustomAdvanced (RandomNoise, BasicGuider at CFG 1,
     KSamplerSelect): the same image as the Flash Sampler in euler mode. Sizes as in :func:`generation_graph`."""
     g = Graph()
@@ -349,95 +256,3 @@ def native_sampler_graph(prompt: str, *, checkpoint: str = DEMO_CHECKPOINT_NAME,
     image = g.add("VAEDecode", samples=samples["output"], vae=loader["VAE"])
     g.add("SaveImage", images=image[0], filename_prefix=filename_prefix)
     return g.api(), g.workflow()
-
-
-TRAINING_PROMPTS = "a red circle at the top\na blue square at the bottom\na green triangle in the center"
-
-
-def training_graph(teacher: str = DEMO_CHECKPOINT_NAME, *, prompts: str = TRAINING_PROMPTS, run_name: str = "flash_run",
-                   student_steps: int = 4, width: int = DEMO_IMAGE_SIZE, height: int = DEMO_IMAGE_SIZE,
-                   samples_per_prompt: int = 4, batch_size: int = 4, seed: int = 0, teacher_steps: int = 32,
-                   pretrain_iterations: int = 2000, dmd_iterations: int = 1200, split_iterations: int = 400,
-                   filename: str = "sd35_flash_student", downscale_factor: int = DEMO_DOWNSCALE) -> tuple[dict, dict]:
-    """The distillation as a graph: setup -> teacher data -> pre-training -> DMD -> split + merge -> save, and
-    an image from the merged student (text encoders and VAE from the teacher file). ``width`` / ``height`` are
-    pixels; ``downscale_factor`` is the teacher VAE's pixels per latent (sizes as in :func:`generation_graph`;
-    the defaults fit the demo model)."""
-    g = Graph()
-    setup = g.add("SD35FlashTrainSetup", teacher=teacher, prompts=prompts, run_name=run_name,
-                  student_steps=student_steps, width=width, height=height, samples_per_prompt=samples_per_prompt,
-                  batch_size=batch_size, seed=seed, config_toml="")
-    data = g.add("SD35FlashTrainData", training=setup[0], teacher_steps=teacher_steps, teacher_cfg=4.0)
-    pretrain = g.add("SD35FlashTrainPretrain", training=data[0], iterations=pretrain_iterations, lr=1e-5, loss="l2",
-                     resume=False)
-    dmd = g.add("SD35FlashTrainDMD", training=pretrain[0], iterations=dmd_iterations, lr=1e-5,
-                score_sample="shared_next", real_cfg=2.0, fake_updates_per_step=5, trajectory_weight=0.0,
-                resume=False)
-    split = g.add("SD35FlashTrainSplit", training=dmd[0], iterations=split_iterations, lr=1e-5, boundary=500.0,
-                  merge_alpha=0.5, resume=False)
-    g.add("SD35FlashTrainSave", training=split[0], stage="latest", filename=filename, overwrite=False)
-    loader = g.add("SD35FlashCheckpointLoader", ckpt_name=teacher, t5="auto", weight_dtype="auto", quantize="none")
-    positive = g.add("CLIPTextEncode", title="Positive Prompt", text=prompts.splitlines()[0], clip=loader["CLIP"])
-    latent = g.add("EmptySD3LatentImage", **empty_latent_size(width, height, downscale_factor), batch_size=1)
-    samples = g.add("SD35FlashSampler", model=split["MODEL"], positive=positive[0], latent_image=latent[0], seed=seed,
-                    steps=student_steps, cfg=1.0, mode="auto", denoise=1.0)
-    image = g.add("VAEDecode", samples=samples[0], vae=loader["VAE"])
-    g.add("SaveImage", images=image[0], filename_prefix="sd35_flash_student")
-    return g.api(), g.workflow()
-
-
-_EXAMPLE = {"checkpoint": DEMO_CHECKPOINT_NAME, "width": DEMO_IMAGE_SIZE, "height": DEMO_IMAGE_SIZE, "seed": 0,
-            "downscale_factor": DEMO_DOWNSCALE}
-EXAMPLES: dict[str, Callable[[], tuple[dict, dict]]] = {
-    "sd35_flash_demo": lambda: generation_graph("a blue triangle at the top", steps=4, filename_prefix="sd35_flash_demo",
-                                                show_at=DEMO_SHOW_SIZE, **_EXAMPLE),
-    "sd35_flash_4step": lambda: generation_graph(EXAMPLE_PROMPT, steps=4, filename_prefix="sd35_flash_4step",
-                                                 **_EXAMPLE),
-    "sd35_flash_2step": lambda: generation_graph(EXAMPLE_PROMPT, steps=2, filename_prefix="sd35_flash_2step",
-                                                 **_EXAMPLE),
-    "sd35_flash_t5_off": lambda: generation_graph(EXAMPLE_PROMPT, steps=4, use_t5=False,
-                                                  filename_prefix="sd35_flash_t5_off", **_EXAMPLE),
-    "sd35_flash_native_sampler": lambda: native_sampler_graph(EXAMPLE_PROMPT, steps=4,
-                                                              filename_prefix="sd35_flash_native_sampler",
-                                                              **_EXAMPLE),
-    "sd35_flash_training": training_graph,
-}
-
-
-def dump(data: dict) -> str:
-    """The text of an example workflow file."""
-    return json.dumps(data, indent=2) + "\n"
-
-
-def example_files() -> dict[str, str]:
-    """Relative path -> text of every example workflow: ``NAME.json`` (UI format) and ``api/NAME.json``."""
-    files = {}
-    for name, build in EXAMPLES.items():
-        api, ui = build()
-        files[f"{name}.json"] = dump(ui)
-        files[f"api/{name}.json"] = dump(api)
-    return files
-
-
-def write_examples(folder: str | os.PathLike = EXAMPLES_DIR) -> list[Path]:
-    written = []
-    for relative, text in example_files().items():
-        path = Path(folder) / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        written.append(path)
-    return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sd35_flash.flash_core.graph",
-                                     description="Write the example ComfyUI workflows (UI format, and API in api/).")
-    parser.add_argument("--write-examples", metavar="DIR", type=Path, default=EXAMPLES_DIR,
-                        help=f"output folder (default {EXAMPLES_DIR})")
-    for path in write_examples(parser.parse_args(argv).write_examples):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

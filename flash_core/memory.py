@@ -1,6 +1,6 @@
 """Memory tiers: which parts load where, in which format, and the peak that plan should reach.
 
-ALGORITHM.md "Quantization": the 16-bit pipeline with T5 is the largest; the MM-DiT in 8 bits with T5 off is
+docs/algorithm.md "Quantization": the 16-bit pipeline with T5 is the largest; the MM-DiT in 8 bits with T5 off is
 the paper's consumer tier. ``sd35-flash generate --memory auto|<GiB>`` asks :func:`plan_memory` for the
 first of these tiers whose estimated peak fits the budget:
 

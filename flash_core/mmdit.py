@@ -2,8 +2,7 @@
 
 The parameter names are those of Stability's ``mmditx.py`` and ComfyUI's ``mmdit.py`` with the
 ``model.diffusion_model.`` prefix stripped, so an official state dict loads with ``strict=True``.
-The architecture is inferred from the state dict (CHECKPOINTS.md "Architecture inferred from the MM-DiT
-state dict"); the block math follows CHECKPOINTS.md "Block anatomy":
+The architecture is inferred from the state dict (docs/checkpoints.md "Architecture inferred from the MM-DiT state dict"); the block math follows docs/checkpoints.md "Block anatomy":
 
 - ``c = t_embedder(sinusoid(1000 * sigma)) + y_embedder(pooled)``; every adaLN is ``Linear(SiLU(c))``.
 - ``joint_blocks.i = (context_block, x_block)``; both streams are LayerNorm-ed (no affine, eps 1e-6),
@@ -116,7 +115,7 @@ class MMDiTConfig:
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> MMDiTConfig:
-        """Infer the architecture from official, unprefixed keys (CHECKPOINTS.md "Architecture inferred")."""
+        """Infer the architecture from official, unprefixed keys (docs/checkpoints.md "Architecture inferred from the MM-DiT state dict")."""
 
         def need(key: str) -> torch.Tensor:
             if key not in sd:
@@ -160,7 +159,7 @@ class MMDiTConfig:
 def timestep_embedding(
     timestep: torch.Tensor, dim: int = TIMESTEP_FREQS, max_period: float = 1e4
 ) -> torch.Tensor:
-    """Sinusoidal embedding of ``timestep = 1000 * sigma`` in fp32, cos first (CHECKPOINTS.md "Block anatomy")."""
+    """Sinusoidal embedding of ``timestep = 1000 * sigma`` in fp32, cos first (docs/checkpoints.md "Block anatomy")."""
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
@@ -261,7 +260,7 @@ def embed_context(layer: nn.Module, context: torch.Tensor) -> torch.Tensor:
     """``context_embedder(context)``, on the CPU over the used input channels only.
 
     Narrow text encoders (the demo's, test models) are zero-padded to the 4096-channel context
-    (flash_core/text.py), and zero channels add nothing to the product: with a 64-wide T5 the full matmul is
+    (flash_core/text/encoders.py), and zero channels add nothing to the product: with a 64-wide T5 the full matmul is
     60x the work. The used width is found with one pass over the context; on GPUs the full matmul is cheaper
     than the device sync that finding it would cost.
     """
@@ -390,7 +389,7 @@ def _adaln(dim: int, n_mods: int, dtype, device) -> nn.Sequential:
 
 
 class DismantledBlock(nn.Module):
-    """One stream of a joint block (CHECKPOINTS.md "Block anatomy").
+    """One stream of a joint block (docs/checkpoints.md "Block anatomy").
 
     ``pre_only`` (the last context block): adaLN (shift, scale) only; no attention proj, no MLP.
     ``dual`` (MM-DiT-X x_block): adds ``attn2``, a self-attention over this stream, and 3 more modulations.

@@ -1,6 +1,6 @@
 """FlashPipeline: prompts -> images with an SD3.x MM-DiT, the SD3 VAE and the triple text encoder.
 
-The sampling follows ALGORITHM.md "The student schedule": the student grid for 2 and 4 steps (from the
+The sampling follows docs/algorithm.md "The student schedule": the student grid for 2 and 4 steps (from the
 checkpoint's metadata when present), deterministic Euler by default, CFG 1. Noise is drawn as ComfyUI draws
 it, so the same checkpoint, prompt and seed give the same image in a ComfyUI graph.
 """
@@ -26,73 +26,19 @@ from .checkpoint import (
     load_vae,
 )
 from .checkpoint_info import largest_side, native_image_size
+from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError, FlashError
 from .quant import choose_backend, quantized_layers, set_backend
 from .quant_io import quantizable_state
 from .text import TripleTextEncoder
 from .tokenizer_files import checkpoint_tokenizers
-from .vae import VAEConfig, process_out
+from .vae import RELEASED_DOWNSCALE, VAEConfig, process_out
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LATENT_DOWNSCALE = 8  # the released SD3 VAE's; a pipeline uses its own VAE's (VAEConfig.downscale_factor)
 PATCH_SIZE = 2
-SIZE_MULTIPLE = LATENT_DOWNSCALE * PATCH_SIZE  # latent side must be a multiple of the patch size (2)
+SIZE_MULTIPLE = RELEASED_DOWNSCALE * PATCH_SIZE  # latent side must be a multiple of the patch size (2)
 
 
-DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-
-
-def _device_backend(kind: str):
-    """``(available, count)`` for an accelerator type torch knows how to use here, else None."""
-    if kind == "mps":
-        available = torch.backends.mps.is_available()
-        return available, int(available)
-    backend = getattr(torch, kind, None) if kind in ("cuda", "xpu") else None
-    if backend is None or not hasattr(backend, "is_available"):
-        return None
-    available = backend.is_available()
-    return available, backend.device_count() if available else 0
-
-
-def resolve_device(device: str | torch.device = "auto", what: str = "device") -> torch.device:
-    """``auto``: the first CUDA GPU, else the CPU. Any other device must exist on this machine: a
-    :class:`FlashError` naming ``what`` (``--device`` for the CLI) says why not, before anything loads."""
-    text = str(device)
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = device if isinstance(device, torch.device) else torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        raise FlashError(f"{what} '{text}' is not a device; expected {DEVICE_CHOICES}") from None
-    if resolved.type == "cpu":
-        return resolved
-    backend = _device_backend(resolved.type)
-    if backend is None:
-        raise FlashError(f"{what} '{text}' is not supported; expected {DEVICE_CHOICES}")
-    available, count = backend
-    if not available:
-        raise FlashError(f"{what} '{text}': this machine has no {resolved.type.upper()} device "
-                         f"(torch {torch.__version__} finds none); use cpu or auto")
-    if resolved.index is not None and resolved.index >= count:
-        raise FlashError(f"{what} '{text}': this machine has {count} {resolved.type.upper()} device(s), "
-                         f"{resolved.type}:0 to {resolved.type}:{count - 1}")
-    return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU that supports it (fp16 otherwise), fp32 on the CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise FlashError(f"dtype '{dtype}' is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def check_size(width: int, height: int, downscale: int = LATENT_DOWNSCALE) -> None:
+def check_size(width: int, height: int, downscale: int = RELEASED_DOWNSCALE) -> None:
     """Image sides must be positive multiples of ``downscale * 2``: the latent is ``1/downscale`` of the image
     (8 for the released VAE, 1 for the toy world's one-level VAE) and its side a multiple of the patch (2)."""
     multiple = downscale * PATCH_SIZE
@@ -123,7 +69,7 @@ def latents_to_images(images: torch.Tensor) -> list[Image.Image]:
 
 @dataclass
 class Conditioning:
-    """SD3 conditioning: ``context [B, L, 4096]`` and ``pooled [B, 2048]`` (ALGORITHM.md "Text encoders")."""
+    """SD3 conditioning: ``context [B, L, 4096]`` and ``pooled [B, 2048]`` (docs/algorithm.md "Text encoders and T5 dropout")."""
 
     context: torch.Tensor
     pooled: torch.Tensor
@@ -171,7 +117,7 @@ class FlashPipeline:
                  device: str | torch.device = "cpu", offload: bool = False, downscale_factor: int | None = None):
         self.device = torch.device(device)
         config = getattr(vae, "config", None)
-        self.downscale_factor = downscale_factor or getattr(config, "downscale_factor", LATENT_DOWNSCALE)
+        self.downscale_factor = downscale_factor or getattr(config, "downscale_factor", RELEASED_DOWNSCALE)
         self.slots = {name: Slot(part, self.device)
                       for name, part in (("mmdit", mmdit), ("vae", vae), ("text_encoder", text_encoder))}
         self.metadata = metadata or FlashMetadata()
@@ -203,7 +149,7 @@ class FlashPipeline:
         model ships them, or tokenizers embedded in the file's metadata); ``$SD35_FLASH_TOKENIZERS``; the ComfyUI
         installation (``tokenizer_files.checkpoint_tokenizers``). ``weights`` / ``t5_weights``
         (``int8``, ``fp8``, ``int6``, ``int4``) quantize the MM-DiT / T5 while they are read; a quantized file
-        loads as stored. ``quant_backend`` picks the runtime (flash_core/quant.py, ``auto`` measures).
+        loads as stored. ``quant_backend`` picks the runtime (flash_core/quant/backends.py, ``auto`` measures).
         ``offload=True`` loads each part when its phase starts and releases it after.
         """
         device = resolve_device(device)

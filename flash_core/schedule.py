@@ -1,11 +1,11 @@
 """Rectified-flow sampling: the shift map, teacher and student sigma grids, Euler, CFG and seeded noise.
 
-Notation (ALGORITHM.md "Notation"): ``x_s = (1 - s) * x0 + s * eps``; the MM-DiT predicts the velocity
+Notation (docs/algorithm.md "Notation"): ``x_s = (1 - s) * x0 + s * eps``; the MM-DiT predicts the velocity
 ``v = eps - x0`` from the timestep ``1000 * s``; ``x0_hat = x_s - s * v``; an Euler step is
 ``x_{s'} = x_s + (s' - s) * v``.
 
 Samplers take sigmas, they do not invent them (k-diffusion style): ``sample_euler(velocity_fn, x, sigmas)``.
-Noise is drawn the way ComfyUI draws it, so a seed means the same image in both (COMFYUI.md "Seeds and noise").
+Noise is drawn the way ComfyUI draws it, so a seed means the same image in both (docs/comfyui.md "Seeds and noise").
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SAMPLER_MODES = ("euler", "renoise")
 GRID_KEY = "sd35_flash.student_sigmas"  # the checkpoint metadata key of a student grid
 MAX_GRID_STEPS = 64  # a stored student grid has at most this many steps (a few-step student has 1 to 8)
 
-#: The student grids of ALGORITHM.md "The student schedule": DMD2's [999, 749, 499, 249] through shift 3.
+#: The student grids of docs/algorithm.md "The student schedule": DMD2's [999, 749, 499, 249] through shift 3.
 STUDENT_SIGMAS: dict[int, tuple[float, ...]] = {
     4: (1.0, 0.9, 0.75, 0.5, 0.0),
     2: (1.0, 0.75, 0.0),
@@ -82,7 +82,7 @@ def student_sigmas(steps: int, grid: Sequence[float] | None = None) -> torch.Ten
     """The few-step student's sigmas, ending in 0.
 
     ``grid`` is the one stored in a checkpoint's metadata (with or without the final 0); without it the
-    defaults of ALGORITHM.md are used for 2 and 4 steps. Any other step count has no student grid. A stored
+    defaults of docs/algorithm.md are used for 2 and 4 steps. Any other step count has no student grid. A stored
     grid is never replaced by another: an invalid one is a ``ValueError`` (:func:`check_grid`).
     """
     if grid is not None:
@@ -146,7 +146,7 @@ def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg: float) -> to
 @torch.no_grad()
 def sample_euler(velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor,
                  callback: StepCallback | None = None) -> torch.Tensor:
-    """Deterministic Euler along the model's own trajectory (the student's sampler, ALGORITHM.md)."""
+    """Deterministic Euler along the model's own trajectory (the student's sampler, docs/algorithm.md)."""
     s_in = x.new_ones(x.shape[0])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -34,7 +34,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from .errors import TokenizerNotFoundError
-from .text import (
+from .text.tokenizers import (
     CLIP_LENGTH,
     GENERIC_TOKENIZER_CLASSES,
     T5_DEFAULT_LENGTH,

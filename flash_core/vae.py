@@ -1,6 +1,6 @@
 """The SD3 16-channel VAE (KL autoencoder) with the official parameter names.
 
-CHECKPOINTS.md "VAE": 16 latent channels, ch_mult (1, 2, 4, 4), 2 res blocks per encoder level (3 per decoder
+docs/checkpoints.md "VAE": 16 latent channels, ch_mult (1, 2, 4, 4), 2 res blocks per encoder level (3 per decoder
 level), no quant_conv / post_quant_conv, GroupNorm(32, eps 1e-6) + SiLU, one single-head attention block in
 each mid block, downsample = asymmetric pad (0, 1, 0, 1) + stride-2 3x3 conv, upsample = nearest x2 + 3x3 conv.
 Parameter names are those of Stability's ``sd3_impls.SDVAE`` and of ComfyUI's ``first_stage_model`` with the
@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
+
+RELEASED_DOWNSCALE = 8  # pixels per latent of the released SD3 VAE: what ComfyUI's EmptySD3LatentImage assumes
 
 LATENT_SCALE = 1.5305
 LATENT_SHIFT = 0.0609
@@ -49,7 +51,7 @@ def process_out(z: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Shape of an SD3-style VAE; the defaults are the released SD3 / SD3.5 VAE (CHECKPOINTS.md "VAE")."""
+    """Shape of an SD3-style VAE; the defaults are the released SD3 / SD3.5 VAE (docs/checkpoints.md "VAE")."""
 
     base_channels: int = 128
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -118,7 +120,7 @@ def _require(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
         hint = " (these are diffusers names: convert them with keymaps.vae.diffusers_to_official first)"
     elif any(k.startswith("first_stage_model.") for k in sd):
         hint = " (strip the 'first_stage_model.' prefix first)"
-    raise CheckpointError(f"not an SD3 VAE state dict: missing key '{key}'{hint} (CHECKPOINTS.md 'VAE')")
+    raise CheckpointError(f"not an SD3 VAE state dict: missing key '{key}'{hint} (docs/checkpoints.md 'VAE')")
 
 
 def _latent_channels(sd: Mapping[str, torch.Tensor]) -> int:

@@ -8,9 +8,11 @@ Inside ComfyUI, importing the pack also adds its ``demo/`` folder (the demo mode
 import sys
 from pathlib import Path
 
+from ..flash_core.demo import DEMO_FOLDER
 from .loaders import FlashCheckpointLoader, FlashTextEncoderLoader, FlashVAELoader
 from .quantize import FlashQuantizeModel
 from .sampling import FlashSampler, FlashScheduler
+from .schema import display_name
 from .training import (
     FlashTrainData,
     FlashTrainDMD,
@@ -21,39 +23,12 @@ from .training import (
     FlashTrainSplit,
 )
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {
-    "SD35FlashCheckpointLoader": FlashCheckpointLoader,
-    "SD35FlashTextEncoderLoader": FlashTextEncoderLoader,
-    "SD35FlashVAELoader": FlashVAELoader,
-    "SD35FlashQuantizeModel": FlashQuantizeModel,
-    "SD35FlashScheduler": FlashScheduler,
-    "SD35FlashSampler": FlashSampler,
-    "SD35FlashTrainSetup": FlashTrainSetup,
-    "SD35FlashTrainData": FlashTrainData,
-    "SD35FlashTrainPretrain": FlashTrainPretrain,
-    "SD35FlashTrainDMD": FlashTrainDMD,
-    "SD35FlashTrainSplit": FlashTrainSplit,
-    "SD35FlashTrainMerge": FlashTrainMerge,
-    "SD35FlashTrainSave": FlashTrainSave,
-}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
-    "SD35FlashCheckpointLoader": "Flash Checkpoint Loader",
-    "SD35FlashTextEncoderLoader": "Triple Text Encoder Loader (T5 optional)",
-    "SD35FlashVAELoader": "Flash VAE Loader",
-    "SD35FlashQuantizeModel": "Quantize MODEL (SD3.5 Flash)",
-    "SD35FlashScheduler": "Flash Scheduler",
-    "SD35FlashSampler": "Flash Sampler",
-    "SD35FlashTrainSetup": "Flash Distillation Setup",
-    "SD35FlashTrainData": "Flash Teacher Data",
-    "SD35FlashTrainPretrain": "Flash Trajectory Pre-training",
-    "SD35FlashTrainDMD": "Flash DMD (timestep sharing)",
-    "SD35FlashTrainSplit": "Flash Split Fine-tune + Merge",
-    "SD35FlashTrainMerge": "Flash Merge Branches",
-    "SD35FlashTrainSave": "Save Flash Checkpoint",
-}
-
-
-DEMO_FOLDER = Path(__file__).resolve().parent.parent / "demo"  # where flash_core.cli.DEMO_CHECKPOINT lives
+NODE_CLASSES = (FlashCheckpointLoader, FlashTextEncoderLoader, FlashVAELoader, FlashQuantizeModel, FlashScheduler,
+                FlashSampler, FlashTrainSetup, FlashTrainData, FlashTrainPretrain, FlashTrainDMD, FlashTrainSplit,
+                FlashTrainMerge, FlashTrainSave)
+NODE_CLASS_MAPPINGS: dict[str, type] = {cls.NODE_TYPE: cls for cls in NODE_CLASSES}
+# the titles of flash_core/node_specs.py, the table the graph builder and every node schema come from
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {name: display_name(name) for name in NODE_CLASS_MAPPINGS}
 
 
 def register_demo_folder(folder: str | Path = DEMO_FOLDER) -> bool:

@@ -15,12 +15,14 @@ from ..flash_core.quant import FORMATS
 from ..flash_core.text import tokenizers_beside
 from ..flash_core.tokenizer_files import embedded_tokenizers
 from . import native, path_policy, quant_ops
+from .schema import UNIQUE_ID, combo, inputs, outputs
 
 CATEGORY = "SD3.5 Flash"
 LOADER_EVENT = "sd35_flash.loader_info"
 T5_MODES = ["auto", "on", "off"]
 NONE = "none"
 QUANTIZE_OPTIONS = [NONE, *FORMATS]
+TEXT_ENCODER_TIP = "{} file from models/text_encoders, or none to leave it out{}."
 
 
 def filenames(*folders: str) -> list[str]:
@@ -33,6 +35,11 @@ def filenames(*folders: str) -> list[str]:
     for folder in folders:
         names += [n for n in folder_paths.get_filename_list(folder) if n not in names]
     return names
+
+
+def text_encoder_names() -> list[str]:
+    """The Triple Text Encoder Loader's choices: none, then models/text_encoders."""
+    return [NONE, *filenames("text_encoders")]
 
 
 def full_path(name: str, *folders: str, widget: str = "ckpt_name") -> Path:
@@ -72,33 +79,27 @@ def _t5_state(t5: str, files: CheckpointFiles, source: str) -> str:
 class FlashCheckpointLoader:
     """An SD3.5 / SD3.5-Flash checkpoint in any layout -> native MODEL, CLIP and VAE."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "ckpt_name": (filenames("checkpoints", "diffusion_models"), {
-                    "tooltip": "An SD3.5 or SD3.5-Flash file from models/checkpoints (single file with text encoders "
-                               "and VAE) or models/diffusion_models (MM-DiT only; add the Triple Text Encoder "
-                               "Loader and Flash VAE Loader)."}),
-                "t5": (T5_MODES, {"default": "auto", "tooltip":
-                                  "T5-XXL text encoder: auto uses it when the file has it; off never reads it "
-                                  "(77 CLIP tokens only, about 9 GB less memory); on requires it."}),
-                "weight_dtype": (list(native.WEIGHT_DTYPES), {"default": "auto", "tooltip":
-                                 "Weight dtype of the MM-DiT and text encoders; auto lets ComfyUI pick for the "
-                                 "device (bf16/fp16 on GPU, fp32 on CPU)."}),
-            },
-            "optional": {  # optional: API prompts saved before this input existed still run
-                "quantize": (QUANTIZE_OPTIONS, {"default": NONE, "tooltip":
-                             "Quantize the MM-DiT's Linears while loading (embedders and final layer stay 16-bit): "
-                             "int8 or fp8 about halve its memory, int6 / int4 (groups of 64) cut it to about 0.4 / "
-                             "0.3, with more error. none loads the weights as stored (a quantized file stays "
-                             "quantized). The same image as sd35-flash generate --weights FORMAT."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
+    NODE_TYPE = "SD35FlashCheckpointLoader"
+    INPUT_TYPES = inputs(
+        NODE_TYPE, hidden=UNIQUE_ID,
+        ckpt_name=combo(lambda: filenames("checkpoints", "diffusion_models"),
+                        tooltip="An SD3.5 or SD3.5-Flash file from models/checkpoints (single file with text "
+                                "encoders and VAE) or models/diffusion_models (MM-DiT only; add the Triple Text "
+                                "Encoder Loader and Flash VAE Loader)."),
+        t5=combo(T5_MODES, default="auto",
+                 tooltip="T5-XXL text encoder: auto uses it when the file has it; off never reads it "
+                         "(77 CLIP tokens only, about 9 GB less memory); on requires it."),
+        weight_dtype=combo(list(native.WEIGHT_DTYPES), default="auto",
+                           tooltip="Weight dtype of the MM-DiT and text encoders; auto lets ComfyUI pick for the "
+                                   "device (bf16/fp16 on GPU, fp32 on CPU)."),
+        # optional (in the table): API prompts saved before this input existed still run
+        quantize=combo(QUANTIZE_OPTIONS, default=NONE,
+                       tooltip="Quantize the MM-DiT's Linears while loading (embedders and final layer stay "
+                               "16-bit): int8 or fp8 about halve its memory, int6 / int4 (groups of 64) cut it to "
+                               "about 0.4 / 0.3, with more error. none loads the weights as stored (a quantized "
+                               "file stays quantized). The same image as sd35-flash generate --weights FORMAT."),
+    )
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
     OUTPUT_TOOLTIPS = ("The MM-DiT, carrying the student sigma grid for the Flash Scheduler.",
                        "CLIP-L + CLIP-G (+ T5-XXL) for CLIPTextEncode / CLIPTextEncodeSD3; None if the file has "
                        "no text encoders.",
@@ -133,21 +134,15 @@ class FlashCheckpointLoader:
 class FlashTextEncoderLoader:
     """CLIP-L + CLIP-G + T5-XXL, each optional ('none'), -> native CLIP."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        names = [NONE] + filenames("text_encoders")
-        tip = "{} file from models/text_encoders, or none to leave it out{}."
-        return {
-            "required": {
-                "clip_l": (names, {"tooltip": tip.format("CLIP-L (768 wide)", "")}),
-                "clip_g": (names, {"tooltip": tip.format("CLIP-G (1280 wide)", "")}),
-                "t5xxl": (names, {"default": NONE, "tooltip": tip.format(
-                    "T5-XXL", ": without T5 the prompt is 77 CLIP tokens and about 9 GB less memory is used")}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    RETURN_TYPES = ("CLIP",)
+    NODE_TYPE = "SD35FlashTextEncoderLoader"
+    INPUT_TYPES = inputs(
+        NODE_TYPE, hidden=UNIQUE_ID,
+        clip_l=combo(text_encoder_names, tooltip=TEXT_ENCODER_TIP.format("CLIP-L (768 wide)", "")),
+        clip_g=combo(text_encoder_names, tooltip=TEXT_ENCODER_TIP.format("CLIP-G (1280 wide)", "")),
+        t5xxl=combo(text_encoder_names, default=NONE, tooltip=TEXT_ENCODER_TIP.format(
+            "T5-XXL", ": without T5 the prompt is 77 CLIP tokens and about 9 GB less memory is used")),
+    )
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
     OUTPUT_TOOLTIPS = ("SD3 text encoder for CLIPTextEncode / CLIPTextEncodeSD3.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
@@ -179,12 +174,10 @@ class FlashTextEncoderLoader:
 class FlashVAELoader:
     """An SD3 VAE file (official or diffusers names, released or smaller) -> native VAE."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae_name": (filenames("vae"), {
-            "tooltip": "A 16-channel SD3 VAE from models/vae (official or diffusers key names)."})}}
-
-    RETURN_TYPES = ("VAE",)
+    NODE_TYPE = "SD35FlashVAELoader"
+    INPUT_TYPES = inputs(NODE_TYPE, vae_name=combo(
+        lambda: filenames("vae"), tooltip="A 16-channel SD3 VAE from models/vae (official or diffusers key names)."))
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
     OUTPUT_TOOLTIPS = ("The SD3 VAE for VAEDecode / VAEEncode.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY

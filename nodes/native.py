@@ -1,6 +1,6 @@
 """ComfyUI's own MODEL, CLIP and VAE objects built from a :class:`~..flash_core.checkpoint.CheckpointFiles`.
 
-Native types first (ARCHITECTURE.md "Inside ComfyUI"): ComfyUI's loading code builds every object, so stock
+Native types first (docs/architecture.md "Inside ComfyUI"): ComfyUI's loading code builds every object, so stock
 KSampler, SamplerCustomAdvanced, LoRA loaders, ModelSamplingSD3 and VAEDecode work on them. What this module adds
 is what the stock loaders cannot do:
 
@@ -26,8 +26,7 @@ import torch
 
 from ..flash_core import quant
 from ..flash_core.checkpoint import CheckpointFiles, FlashMetadata, component_quant, component_state_dict
-from ..flash_core.checkpoint_info import RELEASED_DOWNSCALE
-from ..flash_core.checkpoint_info import vae_downscale as files_vae_downscale
+from ..flash_core.checkpoint_info import vae_downscale
 from ..flash_core.errors import CheckpointError
 from ..flash_core.text import (
     CLIP_G_PAD_ID,
@@ -45,11 +44,10 @@ from ..flash_core.text import (
     load_tokenizers,
     reads_as_is,
 )
-from ..flash_core.vae import VAEConfig
+from ..flash_core.vae import RELEASED_DOWNSCALE, VAEConfig
 from . import quant_ops
+from .attributes import DOWNSCALE_ATTRIBUTE, METADATA_ATTRIBUTE
 
-METADATA_ATTRIBUTE = "sd35_flash_metadata"  # on the BaseModel, so every clone of the ModelPatcher sees it
-DOWNSCALE_ATTRIBUTE = "sd35_flash_vae_downscale"  # the checkpoint's VAE's pixels per latent, on the BaseModel
 COMFY_CLIP_VOCAB = 49408  # ComfyUI's CLIP BPE vocabulary (ids up to 49407), what SD3Tokenizer emits
 WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -62,7 +60,7 @@ def build_model(files: CheckpointFiles, weight_dtype: str = "auto", metadata: Fl
     """A native MODEL (ModelPatcher over ``comfy.model_base.SD3``) from the checkpoint's MM-DiT.
 
     ``comfy.sd.load_diffusion_model_state_dict`` detects the architecture from the shapes, as for any SD3 file.
-    A quantized file (flash_core/quant.py metadata), or ``quantize`` set to a format, loads its Linears packed
+    A quantized file (flash_core/quant/scheme.py metadata), or ``quantize`` set to a format, loads its Linears packed
     through :func:`.quant_ops.operations` (the ComfyUI-GGUF pattern; LoRA patches still apply).
     """
     import comfy.sd
@@ -79,7 +77,7 @@ def build_model(files: CheckpointFiles, weight_dtype: str = "auto", metadata: Fl
     if scheme is not None:
         model = quant_ops.finish_loaded(model, scheme, f"'{source}'")
     setattr(model.model, METADATA_ATTRIBUTE, metadata or FlashMetadata())
-    setattr(model.model, DOWNSCALE_ATTRIBUTE, files_vae_downscale(files))
+    setattr(model.model, DOWNSCALE_ATTRIBUTE, vae_downscale(files))
     return model
 
 
@@ -88,7 +86,7 @@ def flash_metadata(model) -> FlashMetadata:
     return getattr(model.model, METADATA_ATTRIBUTE, None) or FlashMetadata()
 
 
-def vae_downscale(model) -> int:
+def model_vae_downscale(model) -> int:
     """Pixels per latent of the VAE in the MODEL's checkpoint (the Flash loader records it; 8, the released SD3
     VAE's, for models from other loaders or checkpoints without a VAE)."""
     return getattr(model.model, DOWNSCALE_ATTRIBUTE, None) or RELEASED_DOWNSCALE

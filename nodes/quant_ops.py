@@ -2,7 +2,7 @@
 
 ``comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": operations()})`` builds
 ComfyUI's own MMDiT (its detection, its sampling, its LoRA key maps) with :func:`operations`' Linear, which keeps
-a packed weight (the formats of flash_core/quant.py: int8, fp8, int6, int4) and dequantizes it to the input's
+a packed weight (the formats of flash_core/quant/formats.py: int8, fp8, int6, int4) and dequantizes it to the input's
 dtype and device on every call with the engine's own :func:`~..flash_core.quant.dequantize_tensors`. Linears
 the scheme leaves in 16 bits (embedders, final layer) load as ComfyUI's ``manual_cast`` Linear does.
 
@@ -26,9 +26,9 @@ import torch
 
 from ..flash_core import quant
 from ..flash_core.errors import CheckpointError, FlashError
+from .attributes import CARRIED, QUANT_ATTRIBUTE
 
 PACKED_FLAG = "sd35_flash_packed"  # class attribute of our Linear
-QUANT_ATTRIBUTE = "sd35_flash_quantization"  # on the BaseModel: {"format": ..., "layers": ..., ...}
 # Linear weights whose shapes ComfyUI's SD3 detection reads (comfy/model_detection.py, MMDiT branch). int6 and
 # int4 change a packed weight's width, so these are unpacked before detection (the default scheme keeps them
 # in 16 bits anyway). final_layer.linear is read for its output width only, which packing keeps.
@@ -427,10 +427,9 @@ def quantize_model(patcher, fmt: str, group_size: int = quant.DEFAULT_GROUP_SIZE
     del sd
     layers = check_loaded(new.diffusion_model, "the quantized MODEL")
     new.to(patcher.offload_device)
-    from .native import METADATA_ATTRIBUTE
-
-    if hasattr(base, METADATA_ATTRIBUTE):
-        setattr(new, METADATA_ATTRIBUTE, getattr(base, METADATA_ATTRIBUTE))
+    for name in CARRIED:
+        if hasattr(base, name):
+            setattr(new, name, getattr(base, name))
     setattr(new, QUANT_ATTRIBUTE, {**scheme.to_json(), "layers": layers})
     return rebind(patcher, new)
 

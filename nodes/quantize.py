@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..flash_core.quant import DEFAULT_GROUP_SIZE, FORMATS
 from . import quant_ops
 from .loaders import CATEGORY
+from .schema import combo, inputs, outputs
 
 MAX_GROUP_SIZE = 4096
 
@@ -12,21 +13,20 @@ MAX_GROUP_SIZE = 4096
 class FlashQuantizeModel:
     """A loaded SD3 / SD3.5 MODEL (any loader) -> the same MODEL with its MM-DiT Linears quantized."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD3 / SD3.5 / SD3.5-Flash MODEL from any loader. Its LoRA patches, "
-                                           "ModelSamplingSD3 shift and other model patches carry over."}),
-            "format": (list(FORMATS), {"default": "int8", "tooltip":
-                       "int8: per-output-channel scales, about half the 16-bit memory; fp8: e4m3 with one scale "
-                       "per layer (ComfyUI's scaled-fp8 layout); int6 / int4: per-group scales, about 0.4 / 0.3 "
-                       "of the memory, with more error."}),
-            "group_size": ("INT", {"default": DEFAULT_GROUP_SIZE, "min": 0, "max": MAX_GROUP_SIZE, "step": 1,
-                                   "tooltip": "Inputs that share one scale in int6 / int4 (64 is what the CLI "
-                                              "uses; 0 = one scale per output row). Ignored by int8 and fp8."}),
-        }}
-
-    RETURN_TYPES = ("MODEL",)
+    NODE_TYPE = "SD35FlashQuantizeModel"
+    INPUT_TYPES = inputs(
+        NODE_TYPE,
+        model={"tooltip": "An SD3 / SD3.5 / SD3.5-Flash MODEL from any loader. Its LoRA patches, "
+                          "ModelSamplingSD3 shift and other model patches carry over."},
+        format=combo(list(FORMATS), default="int8",
+                     tooltip="int8: per-output-channel scales, about half the 16-bit memory; fp8: e4m3 with one "
+                             "scale per layer (ComfyUI's scaled-fp8 layout); int6 / int4: per-group scales, about "
+                             "0.4 / 0.3 of the memory, with more error."),
+        group_size={"default": DEFAULT_GROUP_SIZE, "min": 0, "max": MAX_GROUP_SIZE, "step": 1,
+                    "tooltip": "Inputs that share one scale in int6 / int4 (64 is what the CLI uses; 0 = one "
+                               "scale per output row). Ignored by int8 and fp8."},
+    )
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
     OUTPUT_TOOLTIPS = ("The quantized MODEL: embedders and final layer stay 16-bit, every other Linear is packed "
                        "and dequantized per layer while sampling.",)
     FUNCTION = "quantize"

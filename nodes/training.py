@@ -23,16 +23,25 @@ import torch
 from ..flash_core.atomic import TEMP_SUFFIX, atomic_write, remove_stale_temps
 from ..flash_core.checkpoint import FlashMetadata, index_checkpoint
 from ..training.config import Config, config_from_dict
-from . import path_policy
+from . import loaders, path_policy
 from .loaders import full_path
 from .path_policy import OUTPUT_PLACE, SUFFIX, UnsafePathError
+from .schema import UNIQUE_ID, combo, config_widget, inputs, outputs
 
 CATEGORY = "SD3.5 Flash/training"
-TRAINING = "FLASH_TRAINING"
 PROGRESS_EVENT = "sd35_flash.train_progress"
-MERGE_ALPHA = ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                         "tooltip": "Merged = alpha * high branch + (1 - alpha) * low branch."})
-RESUME_TIP = "Continue from the newest saved state of this stage in the run folder (after a Cancel, say)."
+# Widget maxima where training/config.py sets none (ComfyUI wants finite bounds); the config's own bounds, defaults
+# and choices are the widgets' (nodes/schema.config_widget).
+MAX_ITERATIONS = 1_000_000
+MAX_LR = 1.0
+MAX_SAMPLES_PER_PROMPT = 100_000
+MAX_BATCH_SIZE = 1024
+MAX_FAKE_UPDATES = 100
+MAX_TRAJECTORY_WEIGHT = 1000.0
+MERGE_ALPHA = config_widget("split.merge_alpha", step=0.01,
+                            tooltip="Merged = alpha * high branch + (1 - alpha) * low branch.")
+RESUME = {"default": False,
+          "tooltip": "Continue from the newest saved state of this stage in the run folder (after a Cancel, say)."}
 RUNS = "sd35_flash"  # runs go to <ComfyUI output>/sd35_flash/<run_name>
 RUNS_PLACE = f"ComfyUI's output/{RUNS} folder"
 CHECKPOINTS_PLACE = "ComfyUI's models/checkpoints folder"
@@ -111,7 +120,8 @@ def run_stage(config: Config, stage: str, resume: bool, node_id) -> Path:
     import comfy.model_management
     import comfy.utils
 
-    from ..training.trainer import Trainer, World
+    from ..training.distributed import World
+    from ..training.trainer import Trainer
 
     bar = comfy.utils.ProgressBar(1)
 
@@ -138,45 +148,34 @@ def run_stage(config: Config, stage: str, resume: bool, node_id) -> Path:
 class FlashTrainSetup:
     """The run: teacher, prompts, sizes, student steps; optional student MODEL and TOML overrides."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        from .loaders import filenames
-
-        return {
-            "required": {
-                "teacher": (filenames("checkpoints"), {"tooltip": "The teacher: an SD3.5 single file with its "
-                                                                  "text encoders and VAE (models/checkpoints)."}),
-                "prompts": ("STRING", {"multiline": True, "default": "a red circle at the top left\n"
-                                                                     "a blue square at the bottom right",
-                                       "tooltip": "Training prompts, one per line."}),
-                "run_name": ("STRING", {"default": "flash_run", "tooltip":
-                                        "Folder under output/sd35_flash/ for data, states, logs and outputs."}),
-                "student_steps": ([4, 2], {"default": 4, "tooltip": "Distil a 4-step or a 2-step student."}),
-                "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 16,
-                                  "tooltip": "Training image width in pixels."}),
-                "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 16,
-                                   "tooltip": "Training image height in pixels."}),
-                "samples_per_prompt": ("INT", {"default": 4, "min": 1, "max": 100000,
-                                               "tooltip": "Teacher samples per prompt (different seeds)."}),
-                "batch_size": ("INT", {"default": 4, "min": 1, "max": 1024, "tooltip": "Images per training step."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
-                                 "tooltip": "Seed for the teacher noise and every training draw."}),
-            },
-            "optional": {
-                "student_init": ("MODEL", {"tooltip": "Start the student from this MODEL (LoRA applied) instead "
-                                                      "of the teacher, e.g. SD3.5 Medium under a Large teacher."}),
-                "config_toml": ("STRING", {"multiline": True, "default": "", "tooltip":
-                                           "Any other setting as TOML, as in an sd35-flash-train config, e.g. "
-                                           "'[dropout]\\nt5 = 0.2'. Overrides the widgets. Paths are names "
-                                           "inside ComfyUI's folders: [model] teacher, student_init and "
-                                           "[teacher] components in models/checkpoints, [model] tokenizers in "
-                                           "models/text_encoders, [data] prompts and [teacher] dataset in "
-                                           "input/, [train] out in output/, [data] dir in the run folder."}),
-            },
-        }
-
-    RETURN_TYPES = (TRAINING,)
-    RETURN_NAMES = ("training",)
+    NODE_TYPE = "SD35FlashTrainSetup"
+    INPUT_TYPES = inputs(
+        NODE_TYPE,
+        teacher=combo(lambda: loaders.filenames("checkpoints"),
+                      tooltip="The teacher: an SD3.5 single file with its text encoders and VAE "
+                              "(models/checkpoints)."),
+        prompts={"multiline": True, "default": "a red circle at the top left\na blue square at the bottom right",
+                 "tooltip": "Training prompts, one per line."},
+        run_name={"default": "flash_run",
+                  "tooltip": "Folder under output/sd35_flash/ for data, states, logs and outputs."},
+        student_steps=config_widget("student.steps", tooltip="Distil a 4-step or a 2-step student."),
+        width=config_widget("data.width", tooltip="Training image width in pixels."),
+        height=config_widget("data.height", tooltip="Training image height in pixels."),
+        samples_per_prompt=config_widget("data.samples_per_prompt", cap=MAX_SAMPLES_PER_PROMPT,
+                                         tooltip="Teacher samples per prompt (different seeds)."),
+        batch_size=config_widget("train.batch_size", cap=MAX_BATCH_SIZE, tooltip="Images per training step."),
+        # it sets data.seed too, whose range holds train.seed's
+        seed=config_widget("train.seed", tooltip="Seed for the teacher noise and every training draw."),
+        student_init={"tooltip": "Start the student from this MODEL (LoRA applied) instead of the teacher, e.g. "
+                                 "SD3.5 Medium under a Large teacher."},
+        config_toml={"multiline": True, "default": "",
+                     "tooltip": "Any other setting as TOML, as in an sd35-flash-train config, e.g. "
+                                "'[dropout]\\nt5 = 0.2'. Overrides the widgets. Paths are names inside ComfyUI's "
+                                "folders: [model] teacher, student_init and [teacher] components in "
+                                "models/checkpoints, [model] tokenizers in models/text_encoders, [data] prompts and "
+                                "[teacher] dataset in input/, [train] out in output/, [data] dir in the run folder."},
+    )
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
     OUTPUT_TOOLTIPS = ("The run's settings, for the stage nodes.",)
     FUNCTION = "setup"
     CATEGORY = CATEGORY
@@ -233,21 +232,18 @@ def _parse_toml(text: str) -> dict:
         raise ConfigError(f"config_toml is not valid TOML: {e}") from None
 
 
-def _stage_inputs(iterations: int, lr: float, extra: dict | None = None) -> dict:
-    required = {
-        "training": (TRAINING, {"tooltip": "From Flash Distillation Setup or the previous stage."}),
-        "iterations": ("INT", {"default": iterations, "min": 1, "max": 1_000_000, "tooltip": "Training steps."}),
-        "lr": ("FLOAT", {"default": lr, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
-                         "tooltip": "AdamW learning rate of the student."}),
-        **(extra or {}),
-        "resume": ("BOOLEAN", {"default": False, "tooltip": RESUME_TIP}),
-    }
-    return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+def _stage_inputs(node_type: str, iterations: str, lr: str, **extra) -> classmethod:
+    """A stage node's ``INPUT_TYPES``: the run, the config keys ``iterations`` and ``lr`` (the student's AdamW),
+    ``extra``, resume."""
+    return inputs(
+        node_type, hidden=UNIQUE_ID,
+        training={"tooltip": "From Flash Distillation Setup or the previous stage."},
+        iterations=config_widget(iterations, cap=MAX_ITERATIONS, tooltip="Training steps."),
+        lr=config_widget(lr, cap=MAX_LR, step=1e-6, round=False, tooltip="AdamW learning rate of the student."),
+        resume=RESUME, **extra)
 
 
 class _StageNode:
-    RETURN_TYPES = (TRAINING, "MODEL")
-    RETURN_NAMES = ("training", "MODEL")
     OUTPUT_TOOLTIPS = ("The run, for the next stage.", "This stage's student as a native MODEL, to sample now.")
     FUNCTION = "train"
     CATEGORY = CATEGORY
@@ -261,17 +257,14 @@ class _StageNode:
 class FlashTrainData:
     """Stage 0: the teacher's samples for every prompt (resumable shards)."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "training": (TRAINING, {"tooltip": "From Flash Distillation Setup."}),
-            "teacher_steps": ("INT", {"default": 32, "min": 1, "max": 1000, "tooltip": "Teacher Euler steps."}),
-            "teacher_cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 30.0, "step": 0.1,
-                                      "tooltip": "The teacher's guidance scale."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    RETURN_TYPES = (TRAINING,)
-    RETURN_NAMES = ("training",)
+    NODE_TYPE = "SD35FlashTrainData"
+    INPUT_TYPES = inputs(
+        NODE_TYPE, hidden=UNIQUE_ID,
+        training={"tooltip": "From Flash Distillation Setup."},
+        teacher_steps=config_widget("data.teacher_steps", tooltip="Teacher Euler steps."),
+        teacher_cfg=config_widget("data.teacher_cfg", step=0.1, tooltip="The teacher's guidance scale."),
+    )
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
     OUTPUT_TOOLTIPS = ("The run, with its teacher data made.",)
     FUNCTION = "make"
     CATEGORY = CATEGORY
@@ -282,12 +275,11 @@ class FlashTrainData:
         checked_run(training)
         import comfy.utils
 
-        from ..training.data import make_teacher_data
-        from ..training.trainer import _teacher_pipe
+        from ..training.data import make_teacher_data, teacher_pipeline
 
         config = _with(training, data={"teacher_steps": teacher_steps, "teacher_cfg": teacher_cfg})
         bar = comfy.utils.ProgressBar(1)
-        make_teacher_data(config, _teacher_pipe(config), progress=True,
+        make_teacher_data(config, teacher_pipeline(config), progress=True,
                           callback=lambda done, total: bar.update_absolute(done, total))
         return (config,)
 
@@ -297,10 +289,10 @@ class FlashTrainPretrain(_StageNode):
 
     STAGE = "pretrain"
     DESCRIPTION = "Stage A: the student learns the teacher's trajectory segment by segment."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _stage_inputs(2000, 1e-5, {"loss": (["l2", "pseudo_huber"], {"tooltip": "Segment-matching loss."})})
+    NODE_TYPE = "SD35FlashTrainPretrain"
+    INPUT_TYPES = _stage_inputs(NODE_TYPE, "pretrain.iterations", "pretrain.optim.lr",
+                                loss=config_widget("pretrain.loss", tooltip="Segment-matching loss."))
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
 
     def train(self, training: Config, iterations: int, lr: float, loss: str, resume: bool, unique_id=None):
         checked_run(training)
@@ -314,20 +306,19 @@ class FlashTrainDMD(_StageNode):
 
     STAGE = "dmd"
     DESCRIPTION = "Stage B: distribution matching with timestep sharing (or the re-noise baseline)."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _stage_inputs(1200, 1e-5, {
-            "score_sample": (["shared_next", "shared_current", "renoise"], {
-                "tooltip": "Where the scores are read: the student's next trajectory point (timestep sharing), "
-                           "its current point, or a re-noised x0 (DMD2 baseline)."}),
-            "real_cfg": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 30.0, "step": 0.1,
-                                   "tooltip": "Guidance of the teacher's (real) score."}),
-            "fake_updates_per_step": ("INT", {"default": 5, "min": 1, "max": 100,
-                                              "tooltip": "Fake-score updates per student update."}),
-            "trajectory_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.1,
-                                            "tooltip": "Weight of the Stage-A loss kept as an anchor."}),
-        })
+    NODE_TYPE = "SD35FlashTrainDMD"
+    INPUT_TYPES = _stage_inputs(
+        NODE_TYPE, "dmd.iterations", "dmd.optim.lr",
+        score_sample=config_widget("dmd.score_sample",
+                                   tooltip="Where the scores are read: the student's next trajectory point (timestep "
+                                           "sharing), its current point, or a re-noised x0 (DMD2 baseline)."),
+        real_cfg=config_widget("dmd.real_cfg", step=0.1, tooltip="Guidance of the teacher's (real) score."),
+        fake_updates_per_step=config_widget("dmd.fake_updates_per_step", cap=MAX_FAKE_UPDATES,
+                                            tooltip="Fake-score updates per student update."),
+        trajectory_weight=config_widget("dmd.trajectory_weight", cap=MAX_TRAJECTORY_WEIGHT, step=0.1,
+                                        tooltip="Weight of the Stage-A loss kept as an anchor."),
+    )
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
 
     def train(self, training: Config, iterations: int, lr: float, score_sample: str, real_cfg: float,
               fake_updates_per_step: int, trajectory_weight: float, resume: bool, unique_id=None):
@@ -344,14 +335,14 @@ class FlashTrainSplit(_StageNode):
 
     STAGE = "split"
     DESCRIPTION = "Stage C: two branches fine-tuned on high / low noise steps, merged into one student."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _stage_inputs(400, 1e-5, {
-            "boundary": ("FLOAT", {"default": 500.0, "min": 0.0, "max": 1000.0, "step": 1.0,
-                                   "tooltip": "Model timestep (1000 * sigma) between the branches."}),
-            "merge_alpha": MERGE_ALPHA,
-        })
+    NODE_TYPE = "SD35FlashTrainSplit"
+    INPUT_TYPES = _stage_inputs(
+        NODE_TYPE, "split.iterations", "dmd.optim.lr",  # the split stage trains with [dmd] optim
+        boundary=config_widget("split.boundary", step=1.0,
+                               tooltip="Model timestep (1000 * sigma) between the branches."),
+        merge_alpha=MERGE_ALPHA,
+    )
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
 
     def train(self, training: Config, iterations: int, lr: float, boundary: float, merge_alpha: float,
               resume: bool, unique_id=None):
@@ -366,13 +357,10 @@ class FlashTrainMerge(_StageNode):
 
     STAGE = "merge"
     DESCRIPTION = "Merges the split stage's branch EMAs again with another alpha."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "training": (TRAINING, {"tooltip": "A run whose split stage has finished."}),
-            "merge_alpha": MERGE_ALPHA,
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    NODE_TYPE = "SD35FlashTrainMerge"
+    INPUT_TYPES = inputs(NODE_TYPE, hidden=UNIQUE_ID, training={"tooltip": "A run whose split stage has finished."},
+                         merge_alpha=MERGE_ALPHA)
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
 
     def train(self, training: Config, merge_alpha: float, unique_id=None):
         checked_run(training)
@@ -386,21 +374,20 @@ class FlashTrainSave:
     """Copy a stage's student checkpoint into models/checkpoints, where the Flash loader lists it: as a new
     numbered file (ComfyUI's filename_prefix counter), never over a file this run did not write."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "training": (TRAINING, {"tooltip": "The run."}),
-            "stage": (["latest", *OUTPUTS], {"tooltip": "Which student: the newest stage output, or a named one."}),
-            "filename": ("STRING", {"default": "sd35_flash_student", "tooltip":
-                                    "Name prefix in models/checkpoints: saved as NAME_00001_.safetensors, the next "
-                                    "free number (as Save Image numbers files)."}),
-        }, "optional": {  # optional: API prompts saved before this input existed still run
-            "overwrite": ("BOOLEAN", {"default": False, "tooltip":
-                                      "Save as NAME.safetensors exactly, replacing it only when this run saved "
-                                      "it before (never another model); off: a new numbered file."}),
-        }}
-
-    RETURN_TYPES = ()
+    NODE_TYPE = "SD35FlashTrainSave"
+    INPUT_TYPES = inputs(
+        NODE_TYPE,
+        training={"tooltip": "The run."},
+        stage=combo(["latest", *OUTPUTS], tooltip="Which student: the newest stage output, or a named one."),
+        filename={"default": "sd35_flash_student",
+                  "tooltip": "Name prefix in models/checkpoints: saved as NAME_00001_.safetensors, the next free "
+                             "number (as Save Image numbers files)."},
+        # optional (in the table): API prompts saved before this input existed still run
+        overwrite={"default": False,
+                   "tooltip": "Save as NAME.safetensors exactly, replacing it only when this run saved it before "
+                              "(never another model); off: a new numbered file."},
+    )
+    RETURN_TYPES, RETURN_NAMES = outputs(NODE_TYPE)
     OUTPUT_TOOLTIPS = ()
     OUTPUT_NODE = True
     FUNCTION = "save"

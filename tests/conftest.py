@@ -43,7 +43,7 @@ def tokenizers_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ci_build(tmp_path_factory):
-    """One toy-world build at the ``ci`` preset, through its command line, with one torch thread (TOYWORLD.md
+    """One toy-world build at the ``ci`` preset, through its command line, with one torch thread (docs/toyworld.md
     "Pitfalls" 5). Built once per session and shared by the slow tests that read a build (the build's own checks,
     the quality table, the demo CLI): each of them used to build its own."""
     from sd35_flash.training.toyworld.__main__ import main

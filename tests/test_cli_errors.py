@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sd35_flash.flash_core import atomic, cli, memory
+from sd35_flash.flash_core.devices import resolve_device
 from sd35_flash.flash_core.errors import FlashError
-from sd35_flash.flash_core.pipeline import resolve_device
 from sd35_flash.training.cli import main as train_main
 from sd35_flash.training.config import ConfigError
 from sd35_flash.training.data import TeacherData

@@ -17,7 +17,7 @@ from sd35_flash.flash_core.checkpoint_info import loader_report
 from sd35_flash.flash_core.errors import FlashError
 from sd35_flash.flash_core.quant import DEFAULT_GROUP_SIZE, FORMATS, SCALE_KEY, quantize_weight
 from sd35_flash.nodes import quant_ops, sampling
-from sd35_flash.nodes.native import METADATA_ATTRIBUTE
+from sd35_flash.nodes.attributes import METADATA_ATTRIBUTE
 
 from factories import write_tiny_checkpoint
 

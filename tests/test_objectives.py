@@ -1,4 +1,4 @@
-"""The distillation losses (training/objectives.py) on tiny hand-checkable cases (ALGORITHM.md's formulas)."""
+"""The distillation losses (training/objectives.py) on tiny hand-checkable cases (docs/algorithm.md's formulas)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The teacher stage (issue 6; TOYWORLD.md "Teacher"): an MM-DiT trained from scratch by rectified flow on the toy
+"""The teacher stage (issue 6; docs/toyworld.md "Teacher"): an MM-DiT trained from scratch by rectified flow on the toy
 world's VAE latents, through the Trainer's machinery, saved in the official layout that FlashPipeline and the
 distillation stages read. Tiny settings (a 64-wide, 2-block MM-DiT, batches of 8-16): plumbing and loss decrease,
 not quality."""
@@ -17,6 +17,7 @@ from sd35_flash.flash_core.pipeline import FlashPipeline
 from sd35_flash.training.cli import main as train_main
 from sd35_flash.training.config import ConfigError, config_from_dict, to_toml
 from sd35_flash.training.data import TeacherData
+from sd35_flash.training.distributed import World
 from sd35_flash.training.teacher import (
     NULL_CAPTION,
     LatentPool,
@@ -26,7 +27,8 @@ from sd35_flash.training.teacher import (
     logit_normal_sigmas,
 )
 from sd35_flash.training.toyworld import encoders, tokenizer
-from sd35_flash.training.trainer import Trainer, World
+from sd35_flash.training.toyworld.dataset import DATASETS
+from sd35_flash.training.trainer import Trainer
 
 
 class Killed(Exception):
@@ -119,11 +121,12 @@ def test_saved_teacher_is_an_official_checkpoint_that_generates(root, trained):
 
 def test_killed_and_resumed_teacher_ends_with_the_same_weights(root, tmp_path):
     whole = config_from_dict(teacher_config(root, tmp_path / "whole"))
-    Trainer(whole, World(), progress=False).run("teacher")
+    Trainer(whole, World(), progress=False, datasets=DATASETS).run("teacher")
     broken = replace(whole, train=replace(whole.train, out=str(tmp_path / "broken")))
     with pytest.raises(Killed):
-        Trainer(broken, World(), progress=False, on_step=kill_after(3)).run("teacher")  # state saved at step 2
-    Trainer(broken, World(), progress=False).run("teacher", resume=True)
+        Trainer(broken, World(), progress=False, on_step=kill_after(3),
+                datasets=DATASETS).run("teacher")  # state saved at step 2
+    Trainer(broken, World(), progress=False, datasets=DATASETS).run("teacher", resume=True)
     for name in ("teacher", "ema"):
         ours = load_output(tmp_path / "whole" / "state" / "teacher", name)
         theirs = load_output(tmp_path / "broken" / "state" / "teacher", name)
@@ -152,7 +155,7 @@ def test_the_trained_teacher_feeds_teacher_data_and_a_student_at_the_vae_latent_
 def test_latent_pool_holds_every_caption_once_with_the_null_prompt(root):
     from sd35_flash.flash_core.text import load_tokenizers
 
-    dataset = load_dataset("toyworld", 48, 16, seed=0)
+    dataset = load_dataset("toyworld", 48, 16, seed=0, datasets=DATASETS)
     text = encoders.text_encoder(load_tokenizers(root / "tokenizers"))
     pool = LatentPool.build(dataset, encoders.make_vae(), text)
     assert pool.latents.shape == (48, 16, 16, 16) and len(pool) == 48
@@ -173,14 +176,14 @@ def test_a_folder_of_captioned_images_is_a_dataset(tmp_path):
     dataset = folder_images(tmp_path, 16)
     assert dataset.images.shape == (2, 3, 16, 16) and dataset.captions == ["caption 0", "caption 1"]
     assert dataset.images[0, 0].min() > 0.99 and dataset.images[1, 2].min() > 0.99
-    assert load_dataset(str(tmp_path), 1, 16, seed=0).images.shape[0] == 1
+    assert load_dataset(str(tmp_path), 1, 16, seed=0, datasets=DATASETS).images.shape[0] == 1
     (tmp_path / "1.txt").unlink()
     with pytest.raises(ConfigError, match="1.png' has no caption file"):
         folder_images(tmp_path, 16)
     with pytest.raises(ConfigError, match="neither 'toyworld' nor a folder"):
-        load_dataset(str(tmp_path / "nowhere"), 4, 16, seed=0)
+        load_dataset(str(tmp_path / "nowhere"), 4, 16, seed=0, datasets=DATASETS)
     with pytest.raises(ConfigError, match="toy world is 16 px"):
-        load_dataset("toyworld", 4, 32, seed=0)
+        load_dataset("toyworld", 4, 32, seed=0, datasets=DATASETS)
 
 
 def test_logit_normal_sigmas_and_the_ema_warm_up():

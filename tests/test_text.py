@@ -1,4 +1,4 @@
-"""Tests of flash_core/text.py: ALGORITHM.md "Text encoders and T5 dropout", ComfyUI's sd3_clip.py layout.
+"""Tests of flash_core/text/: docs/algorithm.md "Text encoders and T5 dropout", ComfyUI's sd3_clip.py layout.
 
 Tokenization uses CLIP BPE and T5 SentencePiece files in the released formats, made by the tests
 (tokenizer_factories.py: a byte-level BPE with merges learned from a prompt corpus, a unigram model trained on it);
@@ -19,7 +19,6 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from sd35_flash.flash_core import text
 from sd35_flash.flash_core.errors import CheckpointError, TokenizerNotFoundError
 from sd35_flash.flash_core.text import (
     RELEASED_WIDTHS,
@@ -29,6 +28,7 @@ from sd35_flash.flash_core.text import (
     tokenize_clip,
     tokenize_t5,
 )
+from sd35_flash.flash_core.text import tokenizers as text_tokenizers
 
 PROMPTS = ["a photo of a cat", "a red circle at the top left, with a long shadow"]
 CLIP_VOCAB, T5_VOCAB = 49408, 32128  # the released vocabularies, and the tiny encoders' here
@@ -215,7 +215,7 @@ def test_tokenizers_not_found_lists_places(tmp_path, monkeypatch):
     assert str(empty / "tokenizer") in message and str(empty / "clip") in message and str(empty) in message
     assert "--tokenizers" in message and "SD35_FLASH_TOKENIZERS" in message and "diffusers" in message
     monkeypatch.setenv("SD35_FLASH_TOKENIZERS", str(empty))
-    monkeypatch.setattr(text, "_comfyui_root", lambda: None)
+    monkeypatch.setattr(text_tokenizers, "comfyui_root", lambda: None)
     with pytest.raises(TokenizerNotFoundError, match=r"\$SD35_FLASH_TOKENIZERS"):
         load_tokenizers()
     monkeypatch.delenv("SD35_FLASH_TOKENIZERS")

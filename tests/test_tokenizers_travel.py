@@ -30,6 +30,7 @@ from sd35_flash.flash_core.checkpoint_info import largest_side, native_image_siz
 from sd35_flash.flash_core.mmdit import MMDiTConfig
 from sd35_flash.flash_core.pipeline import FlashPipeline
 from sd35_flash.flash_core.quant_io import quantize_checkpoint
+from sd35_flash.flash_core.text import tokenizers as text_tokenizers
 from sd35_flash.flash_core.tokenizer_files import MAX_CHARS, METADATA_KEY
 from sd35_flash.training.config import config_from_dict
 from sd35_flash.training.toyworld import world
@@ -163,7 +164,7 @@ def test_the_embedded_ones_come_before_the_environment(quantized, monkeypatch, t
 
 
 def test_without_any_tokenizers_the_error_names_the_checkpoint(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(text, "_comfyui_root", lambda: None)  # the same answer where a ComfyUI is importable
+    monkeypatch.setattr(text_tokenizers, "comfyui_root", lambda: None)  # the same answer where a ComfyUI is importable
     bare = _with_metadata(DEMO, tmp_path / "bare.safetensors", **{METADATA_KEY: None})  # no entry, no folder
     code = cli.main(["generate", "-c", str(bare), "-p", PROMPT, "-o", str(tmp_path / "x.png"), "-q"])
     err = capsys.readouterr().err.strip()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sd35_flash.flash_core.pipeline import latents_to_images
-from sd35_flash.training.toyworld import build, evaluator, quality, world
+from sd35_flash.training.toyworld import evaluator, quality, world
 
 from factories import write_demo_like_checkpoint
 
@@ -40,7 +40,7 @@ def fake_build(folder: Path, teacher_seed: int = 0) -> Path:
         if not target.exists():
             sub.rename(target)
     torch.manual_seed(0)
-    build.save_classifier(folder / "evaluator.safetensors", evaluator.AttributeClassifier(8), 8)
+    evaluator.save_classifier(folder / "evaluator.safetensors", evaluator.AttributeClassifier(8), 8)
     t = "teacher/teacher.safetensors"
     table = {"4": {"pretrain": t, "boundary": 500.0, "dmd": {"shared_next": [t, t], "renoise": [t, t]},
                    "merged": [t, t], "branches": [[t, t], [t, t]], "seeds": [0, 1], "split_reading": "shared_next"}}
@@ -79,7 +79,7 @@ def test_fixed_noise_reproduces_and_pairs_by_chunk(fake):
 def test_reference_is_cached_and_keyed_by_the_teacher(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "REFERENCE_STEPS", 2)  # the cache, not the sampling, is under test
     b = fake_build(tmp_path / "b")
-    classifier = build.load_classifier(b / "evaluator.safetensors")
+    classifier = evaluator.load_classifier(b / "evaluator.safetensors")
     first = quality.reference(b, classifier, 6, log=lambda _: None)
     again = quality.reference(b, classifier, 6, log=lambda _: None)
     assert not first.cached and again.cached

@@ -1,5 +1,5 @@
 """Tests of training/toyworld: the world, its tokenizer, encoders and VAE, and the evaluator (issue 6,
-TOYWORLD.md). Fast by default (a few seconds each, one torch thread); the CI-sized training runs are ``slow``."""
+docs/toyworld.md). Fast by default (a few seconds each, one torch thread); the CI-sized training runs are ``slow``."""
 
 import math
 import time

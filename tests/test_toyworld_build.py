@@ -7,6 +7,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from sd35_flash.flash_core.checkpoint import FlashMetadata, index_checkpoint
+from sd35_flash.flash_core.demo import DEMO_FILE_NAME
 from sd35_flash.flash_core.pipeline import FlashPipeline
 from sd35_flash.training.config import load_config
 from sd35_flash.training.toyworld import build, world
@@ -44,7 +45,7 @@ def test_the_configs_rerun_with_the_training_cli(built):
 
 @pytest.mark.slow
 def test_the_demo_checkpoint_generates_with_its_tokenizers(built):
-    path = built / "demo" / build.DEMO_NAME
+    path = built / "demo" / DEMO_FILE_NAME
     files = index_checkpoint(path)
     assert all(files.has(c) for c in ("mmdit", "vae", "clip_l", "clip_g", "t5"))
     meta = FlashMetadata.from_safetensors(files.metadata)
@@ -75,8 +76,8 @@ def test_resume_skips_finished_stages(built, capsys):
 def test_install_demo_copies_the_demo_with_a_model_card(built, tmp_path, capsys):
     dest = tmp_path / "demo"
     assert main(["--preset", "ci", "--out", str(built), "--quiet", "--resume", "--install-demo", str(dest)]) == 0
-    assert f"demo model installed: {dest / build.DEMO_NAME}" in capsys.readouterr().out
-    assert (dest / build.DEMO_NAME).read_bytes() == (built / "demo" / build.DEMO_NAME).read_bytes()
+    assert f"demo model installed: {dest / DEMO_FILE_NAME}" in capsys.readouterr().out
+    assert (dest / DEMO_FILE_NAME).read_bytes() == (built / "demo" / DEMO_FILE_NAME).read_bytes()
     assert (dest / "tokenizers" / "clip" / "tokenizer.json").exists() and (dest / "sample.png").exists()
     card = (dest / "README.md").read_text()
     record = json.loads((built / "build.json").read_text())["stages"]["demo"]

@@ -22,8 +22,9 @@ from sd35_flash.flash_core.pipeline import FlashPipeline
 from sd35_flash.training.cli import main as train_main
 from sd35_flash.training.config import ConfigError, config_from_dict, load_config, to_toml
 from sd35_flash.training.data import TeacherData, make_teacher_data
+from sd35_flash.training.distributed import World
 from sd35_flash.training.split import RoutedMMDiT
-from sd35_flash.training.trainer import Trainer, World, run_stages
+from sd35_flash.training.trainer import Trainer, run_stages
 
 from factories import tiny_mmdit, write_tiny_checkpoint
 from tokenizer_factories import write_tokenizers
@@ -86,7 +87,7 @@ def load_shards(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_teacher_data_does_not_depend_on_the_sample_batch_and_resumes_exactly(root, tmp_path):
-    """ALGORITHM.md "Stage 0": samples are made ``data.sample_batch`` per teacher forward (here 3 and 1 against
+    """docs/algorithm.md "Stage 0": samples are made ``data.sample_batch`` per teacher forward (here 3 and 1 against
     the fixture's 8, so batches straddle shards), each from its own seed. Conditioning and noise are bitwise the
     same; the trajectories agree to float reassociation (batching changes the matmul shapes). A run killed
     before its second shard resumes with another batch size, keeping the finished shard as written."""
@@ -314,7 +315,7 @@ def test_csv_log_widens_its_header_when_a_row_brings_new_keys(tmp_path):
 
 def test_split_continues_with_dmds_fake_score_or_warms_a_fresh_one_up(root, tmp_path):
     """After DMD in the same folder the split stage starts from DMD's last fake score and updates the branches at
-    once; with no DMD state its fresh fake score (a copy of the teacher) is warmed up first (TOYWORLD.md
+    once; with no DMD state its fresh fake score (a copy of the teacher) is warmed up first (docs/toyworld.md
     "Pitfalls" 1), so a split shorter than the warm-up leaves the branches as they started."""
     sections = {"dmd": {"iterations": 2, "fake_warmup_steps": 3}, "split": {"iterations": 2}}
     after_dmd = config_from_dict(base_config(root, train={"out": str(tmp_path / "a")}, **sections))

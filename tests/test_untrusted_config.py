@@ -4,7 +4,7 @@ Config values are checked for meaning, not only type (training/config.py: each f
 it): a bad one is a one-line ``ConfigError`` naming the key path and the allowed range, from a file, from the
 ``sd35-flash-train`` command line (status 2, one stderr line) and from values put into a config afterwards (what
 the ComfyUI training nodes do with their widgets). Our ``sd35_flash.*`` metadata values are checked when a file
-is read (flash_core/checkpoint.py ``FlashMetadata``, flash_core/quant.py schemes): a malformed value that decides
+is read (flash_core/checkpoint.py ``FlashMetadata``, flash_core/quant/scheme.py schemes): a malformed value that decides
 the image is refused naming the file and the key, never replaced by a default; a descriptive one is ignored with
 a warning naming the key; a huge one is never parsed.
 """

@@ -30,13 +30,14 @@ import torch
 from safetensors import safe_open
 
 from sd35_flash.flash_core.atomic import atomic_write
-from sd35_flash.flash_core.cli import run_guarded
-from sd35_flash.training import trainer as trainer_module
+from sd35_flash.flash_core.console import run_guarded
 from sd35_flash.training.cli import main as train_main
 from sd35_flash.training.config import config_from_dict, to_toml
+from sd35_flash.training.distributed import World
 from sd35_flash.training.run_folder import LOCK, RECORD, RunLock, RunRecord
+from sd35_flash.training.stages import pretrain as pretrain_stage
 from sd35_flash.training.state import StateError, load_state, save_state
-from sd35_flash.training.trainer import NonFiniteLossError, Trainer, World, run_stages
+from sd35_flash.training.trainer import NonFiniteLossError, Trainer, run_stages
 
 from factories import write_tiny_checkpoint
 
@@ -456,7 +457,7 @@ def test_a_stop_in_the_middle_of_an_update_finishes_the_step_saves_it_whole_and_
     whole = make("whole", train=ONE_STEP_AT_A_TIME, pretrain={"iterations": 5})
     train(whole)
     config = make("run", train={"checkpoint_every": 100}, pretrain={"iterations": 5})
-    real, calls = trainer_module.optimizer_step, []
+    real, calls = pretrain_stage.optimizer_step, []
 
     def signalled(*args, **kwargs):  # the signal arrives between the backward pass and the update
         calls.append(1)
@@ -464,14 +465,14 @@ def test_a_stop_in_the_middle_of_an_update_finishes_the_step_saves_it_whole_and_
             os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "optimizer_step", signalled)
+    monkeypatch.setattr(pretrain_stage, "optimizer_step", signalled)
     assert cli(toml(config, tmp_path / "run.toml"), "--stage", "pretrain") == status
     [line] = stderr_lines(capsys)
     saved = states(config) / "step_000003.safetensors"
     assert line == (f"sd35-flash-train: {prefix}pretrain stopped at step 3; state saved to '{saved}'; --resume "
                     "continues from it")
     assert_same_state(saved, states(whole) / "step_000003.safetensors")  # the whole step, not half of it
-    monkeypatch.setattr(trainer_module, "optimizer_step", real)
+    monkeypatch.setattr(pretrain_stage, "optimizer_step", real)
     assert cli(toml(config, tmp_path / "run.toml"), "--stage", "pretrain", "--resume") == 0
     assert_same_state(states(config) / "step_000005.safetensors", states(whole) / "step_000005.safetensors")
     assert log_steps(config) == [1, 2, 3, 4, 5]

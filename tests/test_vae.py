@@ -1,4 +1,4 @@
-"""The SD3 VAE (CHECKPOINTS.md "VAE"): config inference, official names, latent formats, diffusers parity."""
+"""The SD3 VAE (docs/checkpoints.md "VAE"): config inference, official names, latent formats, diffusers parity."""
 
 from __future__ import annotations
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sd35_flash.flash_core import graph
-from sd35_flash.flash_core.graph import NODE_SPECS, Graph, generation_graph
+from sd35_flash.flash_core import node_specs
+from sd35_flash.flash_core.graph import Graph, generation_graph
+from sd35_flash.flash_core.node_specs import NODE_SPECS
+from sd35_flash.nodes import workflows
 
 from workflow_check import (
     all_schemas,
@@ -31,42 +33,43 @@ def schemas():
 
 def _spec_from_schema(schema: dict):
     inputs = [(i.name, i.type, not i.required, i.control) for i in inputs_of(schema)]
-    return schema["display_name"] or schema["name"], inputs, list(zip(schema["output_name"], schema["output"], strict=True))
+    outputs = list(zip(schema["output_name"], schema["output"], strict=True))
+    return schema["display_name"] or schema["name"], inputs, outputs
 
 
-def _spec_from_table(spec: graph.NodeSpec):
+def _spec_from_table(spec: node_specs.NodeSpec):
     return spec.title, [(s.name, s.type, s.optional, s.control) for s in spec.inputs], list(spec.outputs)
 
 
 def test_node_table_matches_our_node_classes():
     ours = our_schemas()
-    assert set(graph.OUR_NODE_TYPES) <= set(ours)
-    for name in graph.OUR_NODE_TYPES:
+    assert set(node_specs.OUR_NODE_TYPES) == set(ours)
+    for name in node_specs.OUR_NODE_TYPES:
         assert _spec_from_table(NODE_SPECS[name]) == _spec_from_schema(ours[name]), name
 
 
 def test_node_table_matches_the_comfyui_snapshot():
     stock = stock_schemas()
-    assert sorted(stock) == sorted(graph.STOCK_NODE_TYPES)
-    for name in graph.STOCK_NODE_TYPES:
+    assert sorted(stock) == sorted(node_specs.STOCK_NODE_TYPES)
+    for name in node_specs.STOCK_NODE_TYPES:
         assert _spec_from_table(NODE_SPECS[name]) == _spec_from_schema(stock[name]), name
 
 
 def test_example_files_are_what_the_script_writes():
-    expected = graph.example_files()
+    expected = workflows.example_files()
     committed = {p.relative_to(EXAMPLES).as_posix(): p.read_text() for p in EXAMPLES.rglob("*.json")}
     assert sorted(committed) == sorted(expected)
     for name, text in expected.items():
         assert committed[name] == text, f"example_workflows/{name} is stale: run python -m " \
-                                        "sd35_flash.flash_core.graph --write-examples example_workflows"
+                                        "sd35_flash.nodes.workflows --write-examples example_workflows"
 
 
 def test_the_script_writes_the_examples(tmp_path):
-    assert graph.main(["--write-examples", str(tmp_path)]) == 0
-    assert {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json")} == set(graph.example_files())
+    assert workflows.main(["--write-examples", str(tmp_path)]) == 0
+    assert {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json")} == set(workflows.example_files())
 
 
-@pytest.mark.parametrize("name", sorted(graph.EXAMPLES))
+@pytest.mark.parametrize("name", sorted(workflows.EXAMPLES))
 def test_example_workflow_is_valid_in_both_formats(name, schemas):
     ui = json.loads((EXAMPLES / f"{name}.json").read_text())  # the template ComfyUI lists: example_workflows/*.json
     api = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
@@ -88,7 +91,7 @@ def test_examples_say_what_their_names_say():
     assert _nodes(native, "KSamplerSelect") == [{"sampler_name": "euler"}]
     assert {n["class_type"] for n in native.values()} >= {"SD35FlashScheduler", "SamplerCustomAdvanced",
                                                           "RandomNoise", "BasicGuider"}
-    for name in graph.EXAMPLES:
+    for name in workflows.EXAMPLES:
         (latent,) = _nodes(api(name), "EmptySD3LatentImage")
         assert latent["width"] % 16 == 0 and latent["height"] % 16 == 0
         assert _nodes(api(name), "SD35FlashCheckpointLoader")[0]["ckpt_name"] == "sd35_flash_demo.safetensors"

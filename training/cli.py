@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from ..flash_core.atomic import Terminated, sigterm_raises
-from ..flash_core.cli import OneLineParser, run_guarded
+from ..flash_core.console import OneLineParser, run_guarded
 from ..flash_core.threads import AUTO, parse_threads, set_threads
 from .config import load_config
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description="SD3.5-Flash distillation.")
     parser.add_argument("config", help="a TOML config file (see training/config.py for every key)")
     parser.add_argument("--stage", choices=STAGE_CHOICES, default="all",
-                        help="teacher: train the teacher by flow matching ([teacher]); data: teacher samples; pretrain: trajectory guidance; dmd; split: fine-tune and merge; "
+                        help="teacher: train the teacher by flow matching ([teacher]); data: teacher samples; "
+                             "pretrain: trajectory guidance; dmd; split: fine-tune and merge; "
                              "merge: re-merge saved branches; all: every stage in order (default)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -56,14 +57,16 @@ def report_stop(stop: KeyboardInterrupt) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the config and run the stages; expected failures are one stderr line and status 2."""
+    """Load the config and run the stages, the toy world plugged in as a dataset (``teacher.dataset =
+    "toyworld"``); expected failures are one stderr line and status 2."""
+    from .toyworld.dataset import DATASETS
     from .trainer import run_stages
 
     def work() -> int:
         config = load_config(args.config)
         try:
             result = run_stages(config, args.stage, resume=args.resume, overwrite=args.overwrite,
-                                progress=not args.quiet)
+                                progress=not args.quiet, datasets=DATASETS)
         except KeyboardInterrupt as stop:
             return report_stop(stop)
         print(result)

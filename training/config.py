@@ -1,4 +1,4 @@
-"""The training config: one TOML file parsed into typed dataclasses (every [choice] of ALGORITHM.md is a field).
+"""The training config: one TOML file parsed into typed dataclasses (every [choice] of docs/algorithm.md is a field).
 
 Unknown keys and bad values are refused with the key's dotted path and what is allowed. The resolved config
 (defaults filled in) is written beside every checkpoint as ``config.toml``, and its hash goes into the
@@ -194,7 +194,7 @@ class DataConfig:
 @dataclass
 class StudentConfig:
     steps: Literal[2, 4] = 4
-    # default []: ALGORITHM.md's grid for `steps`; else `steps` sigmas (checked against `steps` by check_config)
+    # default []: docs/algorithm.md's grid for `steps`; else `steps` sigmas (checked against `steps` by check_config)
     sigmas: list[float] = allowed(factory=list, numbers=PROBABILITY, length=(0, MAX_STUDENT_SIGMAS),
                                   rule=_student_grid, text=f"at most {MAX_STUDENT_SIGMAS} {GRID_TEXT}")
     sampler_mode: Literal["euler", "renoise"] = "euler"
@@ -240,10 +240,14 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
+ScoreSample = Literal["shared_next", "shared_current", "renoise"]  # the readings of timestep sharing
+SCORE_SAMPLES: tuple[str, ...] = typing.get_args(ScoreSample)
+
+
 @dataclass
 class DMDConfig:
     iterations: int = allowed(1200, numbers=AT_LEAST_1)
-    score_sample: Literal["shared_next", "shared_current", "renoise"] = "shared_next"
+    score_sample: ScoreSample = "shared_next"
     real_cfg: float = allowed(2.0, numbers=GUIDANCE)
     fake_updates_per_step: int = allowed(5, numbers=AT_LEAST_1)
     fake_warmup_steps: int = allowed(0, numbers=AT_LEAST_0)
@@ -273,13 +277,13 @@ def _teacher_optim() -> OptimConfig:
 @dataclass
 class TeacherConfig:
     """The teacher stage: an MM-DiT trained from scratch by rectified flow on VAE latents of (image, caption)
-    pairs (TOYWORLD.md "Teacher"; ALGORITHM.md "Notation"). Its output, ``train.out/teacher.safetensors``, is an
+    pairs (docs/toyworld.md "Teacher"; docs/algorithm.md "Notation"). Its output, ``train.out/teacher.safetensors``, is an
     official checkpoint that ``model.teacher`` of the distillation stages can name."""
 
     iterations: int = allowed(1500, numbers=AT_LEAST_1)
     batch_size: int = allowed(128, numbers=AT_LEAST_1)
     # "toyworld", or a folder of images each with a same-named .txt caption
-    dataset: str = allowed("toyworld", rule=_not_blank, text="toyworld or a non-empty path")
+    dataset: str = allowed("toyworld", rule=_not_blank, text="a dataset name the caller provides (toyworld) or a folder")
     dataset_size: int = allowed(20000, numbers=AT_LEAST_1)  # toyworld: scenes drawn once (seed train.seed); folder: a cap
     # pixels (square); latents are image_size / the VAE's downscale factor, patched by 2
     image_size: int = allowed(16, numbers=Range(2, 8192, multiple=2))

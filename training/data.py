@@ -1,4 +1,4 @@
-"""Stage 0, teacher data (ALGORITHM.md "Stage 0"): prompts -> teacher samples in resumable safetensors shards.
+"""Stage 0, teacher data (docs/algorithm.md "Stage 0"): prompts -> teacher samples in resumable safetensors shards.
 
 Per sample: the initial noise, the teacher's latents at every stored sigma (the student grids are on the teacher's
 path exactly: the teacher's shifted schedule is merged with them), the final x0, and the text conditioning with and
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..flash_core.atomic import atomic_write
 from ..flash_core.checkpoint import atomic_save
 from ..flash_core.errors import FlashError
-from ..flash_core.pipeline import check_size
+from ..flash_core.pipeline import FlashPipeline, check_size
 from ..flash_core.schedule import (
     STUDENT_SIGMAS,
     cfg_velocity,
@@ -51,7 +51,7 @@ def teacher_path(steps: int, shift: float, through: list[float]) -> torch.Tensor
 
 def latent_shape(config: Config, downscale: int) -> tuple[int, int, int]:
     """``(16, height / f, width / f)``: the teacher's latents, sized by its VAE's ``downscale_factor`` f (8 for
-    the released VAE, 1 for the toy world's; TOYWORLD.md "World": 16 px, patch 2, 64 image tokens)."""
+    the released VAE, 1 for the toy world's; docs/toyworld.md "World": 16 px, patch 2, 64 image tokens)."""
     try:
         check_size(config.data.width, config.data.height, downscale)
     except FlashError as e:
@@ -152,7 +152,7 @@ class _Progress:
 @torch.no_grad()
 def teacher_sample(mmdit, noise: torch.Tensor, cond: tuple, uncond: tuple | None, cfg: float,
                    path: torch.Tensor, keep: list[float]) -> torch.Tensor:
-    """Euler with CFG along ``path`` from ``noise`` (ALGORITHM.md "Stage 0"); the latents at the ``keep`` sigmas,
+    """Euler with CFG along ``path`` from ``noise`` (docs/algorithm.md "Stage 0"); the latents at the ``keep`` sigmas,
     ``[B, len(keep), C, H, W]``. A batch of B samples is one forward of 2B per step: the cond rows, then ``uncond``
     (one negative, expanded) for each."""
     dtype = mmdit.dtype
@@ -179,13 +179,23 @@ def teacher_sample(mmdit, noise: torch.Tensor, cond: tuple, uncond: tuple | None
     return torch.stack([kept[round(s, 6)] for s in keep], dim=1)
 
 
-def _encode(text_encoder, prompts: list[str], use_t5: bool, widths: tuple[int, int]):
+def encode_unpadded(text_encoder, prompts: list[str], use_t5: bool,
+                    widths: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(clip, t5, pooled)`` of ``prompts`` as stored: each part of the context cut to its encoders' widths
+    (:func:`conditioning_widths`), ``t5`` None without it; :func:`pad_context` pads them back."""
     context, pooled = text_encoder.encode(prompts, use_t5=use_t5)
     clip_width, t5_width, _ = widths
     n = text_encoder.clip_length
     clip = context[:, :n, :clip_width]
     t5 = context[:, n:, :t5_width] if use_t5 else None
     return clip, t5, pooled
+
+
+def teacher_pipeline(config: Config) -> FlashPipeline:
+    """The teacher ``model.teacher`` as a :class:`~..flash_core.pipeline.FlashPipeline` (its tokenizers,
+    ``model.dtype``, ``model.device``): what :func:`make_teacher_data` samples with."""
+    return FlashPipeline.from_checkpoint(config.model.teacher, tokenizers=config.model.tokenizers or None,
+                                         dtype=config.model.dtype, device=config.model.device)
 
 
 def make_teacher_data(config: Config, pipe, progress: bool = True, callback=None) -> Path:
@@ -211,10 +221,12 @@ def make_teacher_data(config: Config, pipe, progress: bool = True, callback=None
         raise ConfigError(f"{manifest_path}: holds data made with other settings or prompts; use a new data.dir")
     if manifest is None:
         manifest = {"format": FORMAT, "settings": settings, "prompts": prompts, "sigmas": keep, "latent": shape,
-                    "clip_width": widths[0], "clip_l_width": widths[2], "t5_width": widths[1] if has_t5 else 0, "count": total, "shards": []}
+                    "clip_width": widths[0], "clip_l_width": widths[2], "t5_width": widths[1] if has_t5 else 0,
+                    "count": total, "shards": []}
     done = {s["file"] for s in manifest["shards"]}
 
-    uncond = {use: _encode(pipe.text_encoder, [config.data.negative], use, widths) for use in {False, has_t5}}
+    uncond = {use: encode_unpadded(pipe.text_encoder, [config.data.negative], use, widths)
+              for use in {False, has_t5}}
     atomic_save({"clip": uncond[False][0], "pooled": uncond[False][2],
                  **({"clip_t5": uncond[True][0], "t5": uncond[True][1], "pooled_t5": uncond[True][2]}
                     if has_t5 else {})}, out / "uncond.safetensors")
@@ -236,7 +248,7 @@ def make_teacher_data(config: Config, pipe, progress: bool = True, callback=None
 
 
 def _make_shard(pipe, config, prompts, indices, shape, path, keep, widths, has_t5, uncond, bar) -> dict:
-    """The samples ``indices`` of one shard (ALGORITHM.md "Stage 0"), ``data.sample_batch`` of them per teacher
+    """The samples ``indices`` of one shard (docs/algorithm.md "Stage 0"), ``data.sample_batch`` of them per teacher
     forward (cond and uncond halves together, see :func:`teacher_sample`). Sample ``i``'s noise comes from its own
     seed ``data.seed + i``, so no sample depends on the batch it was made in, nor the shard on the batch size."""
     rows = {"noise": [], "trajectory": [], "clip": [], "pooled": [], "t5": [], "pooled_t5": [], "prompt_index": []}
@@ -248,10 +260,10 @@ def _make_shard(pipe, config, prompts, indices, shape, path, keep, widths, has_t
         prompt_index = torch.tensor([i // config.data.samples_per_prompt for i in batch])
         texts = [prompts[p] for p in prompt_index.tolist()]
         noise = torch.cat([initial_noise(config.data.seed + i, (1, *shape)) for i in batch]).to(device)
-        clip, _, pooled = _encode(pipe.text_encoder, texts, False, widths)
+        clip, _, pooled = encode_unpadded(pipe.text_encoder, texts, False, widths)
         cond = (pad_context(clip, None), pooled)
         if has_t5:
-            clip_t5, t5, pooled_t5 = _encode(pipe.text_encoder, texts, True, widths)
+            clip_t5, t5, pooled_t5 = encode_unpadded(pipe.text_encoder, texts, True, widths)
             cond = (pad_context(clip_t5, t5), pooled_t5)
             rows["t5"].append(t5.cpu())
             rows["pooled_t5"].append(pooled_t5.cpu())
@@ -325,12 +337,12 @@ class TeacherData:
 
     def batch(self, indices: torch.Tensor, use_t5: bool, drop_l: torch.Tensor, drop_g: torch.Tensor) -> dict:
         """Noise, trajectory, and (context, pooled) for ``indices``; ``drop_l``/``drop_g`` ([B] bool) zero that
-        CLIP's channels (its absent-encoder conditioning, ALGORITHM.md "Text encoders and T5 dropout")."""
+        CLIP's channels (its absent-encoder conditioning, docs/algorithm.md "Text encoders and T5 dropout")."""
         t = self.tensors
         use_t5 = use_t5 and self.has_t5
         clip = t["clip"][indices].clone()
         pooled = (t["pooled_t5"] if use_t5 else t["pooled"])[indices].clone()
-        _drop_clip(clip, pooled, drop_l, drop_g, self.clip_l_width)
+        drop_clip(clip, pooled, drop_l, drop_g, self.clip_l_width)
         context = pad_context(clip, t["t5"][indices] if use_t5 else None)
         return {"noise": t["noise"][indices], "trajectory": t["trajectory"][indices], "context": context,
                 "pooled": pooled}
@@ -342,7 +354,7 @@ class TeacherData:
         return pad_context(u["clip"], None).expand(n, -1, -1), u["pooled"].expand(n, -1)
 
 
-def _drop_clip(clip: torch.Tensor, pooled: torch.Tensor, drop_l: torch.Tensor, drop_g: torch.Tensor,
+def drop_clip(clip: torch.Tensor, pooled: torch.Tensor, drop_l: torch.Tensor, drop_g: torch.Tensor,
                l_width: int) -> None:
     """Zero CLIP-L's channels (the first ``l_width`` of the CLIP context and of pooled) or CLIP-G's (the rest)
     per sample, in place."""

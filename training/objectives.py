@@ -1,6 +1,6 @@
-"""The losses of SD3.5-Flash distillation as small functions (ALGORITHM.md, Stages A-C).
+"""The losses of SD3.5-Flash distillation as small functions (docs/algorithm.md, Stages A-C).
 
-Everything works on velocities in the rectified-flow convention of ALGORITHM.md "Notation":
+Everything works on velocities in the rectified-flow convention of docs/algorithm.md "Notation":
 ``x_s = (1 - s) x0 + s eps``, ``v = eps - x0``, ``x0_hat = x_s - s v``, Euler ``x_{s'} = x_s + (s' - s) v``.
 A *velocity function* ``v(x, sigma)`` has its conditioning (and CFG) bound, as in :mod:`flash_core.schedule`.
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ..flash_core.schedule import SD35_SHIFT, shift_sigma
+from .config import SCORE_SAMPLES
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SCORE_SAMPLES = ("shared_next", "shared_current", "renoise")
 
 
 def per_sample(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def noised(x0: torch.Tensor, eps: torch.Tensor, sigma) -> torch.Tensor:
 
 def trajectory_loss(student: VelocityFn, x_start: torch.Tensor, x_end: torch.Tensor, sigma, sigma_next,
                     kind: str = "l2", huber_c: float = 1e-3) -> torch.Tensor:
-    """Segment endpoint matching (ALGORITHM.md "Stage A"): one student Euler step from the teacher's point at
+    """Segment endpoint matching (docs/algorithm.md "Stage A"): one student Euler step from the teacher's point at
     ``sigma`` should land on the teacher's point at ``sigma_next``. Mean over the batch of the per-sample mean
     squared error, or of the pseudo-Huber distance ``sqrt(d^2 + c^2) - c`` on the per-sample RMS error."""
     v = student(x_start, torch.as_tensor(sigma, device=x_start.device).expand(x_start.shape[0]))
@@ -73,7 +73,7 @@ def rollout(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, step
 
 @dataclass
 class GeneratorStep:
-    """One student step with gradient (ALGORITHM.md "Stage B"): its input ``x_k`` at ``sigma_k``, the predicted
+    """One student step with gradient (docs/algorithm.md "Stage B"): its input ``x_k`` at ``sigma_k``, the predicted
     ``x0_hat`` (carries the gradient), and the point the scores are read at, ``x_score`` at ``sigma_score``."""
 
     x_k: torch.Tensor
@@ -93,7 +93,7 @@ def generator_step(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tenso
                    renoise_range: tuple[float, float] = (0.02, 0.98), shift: float = SD35_SHIFT) -> GeneratorStep:
     """Roll the student to step ``k`` without grad, take step ``k`` with grad, and choose the score sample.
 
-    ``score_sample`` (ALGORITHM.md "Stage B"):
+    ``score_sample`` (docs/algorithm.md "Stage B"):
     * ``shared_next``: the student's next trajectory point ``x_k + (s_{k+1} - s_k) v_k`` at the known
       ``s_{k+1}``; on the last step (``s_{k+1} = 0``) ``x0_hat`` is re-noised at a sigma of the student grid.
     * ``shared_current``: the step's own input point ``x_k`` at ``s_k``. Scores are read there; the student's
@@ -126,7 +126,7 @@ def generator_step(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tenso
 
 def dmd_gradient(x0_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, normaliser: str = "per_sample",
                  clip: float = 0.0) -> torch.Tensor:
-    """``g = (x0_fake - x0_real) / mean|x0_hat - x0_real|`` in fp32 (ALGORITHM.md "Stage B", DMD2's normaliser).
+    """``g = (x0_fake - x0_real) / mean|x0_hat - x0_real|`` in fp32 (docs/algorithm.md "Stage B", DMD2's normaliser).
 
     ``normaliser``: the mean over C, H, W of each sample (``per_sample``) or over the whole batch
     (``per_batch``). ``clip > 0`` clips g elementwise to ``[-clip, clip]``.
@@ -167,7 +167,7 @@ def flow_matching_loss(model: VelocityFn, x0: torch.Tensor, eps: torch.Tensor, s
 
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * params`` in place (ALGORITHM.md "Stage C", decay 0.99)."""
+    """``ema <- decay * ema + (1 - decay) * params`` in place (docs/algorithm.md "Stage C", decay 0.99)."""
     for name, value in params.items():
         ema[name].mul_(decay).add_(value.detach().to(ema[name].dtype), alpha=1 - decay)
 

@@ -1,6 +1,6 @@
-"""Split-timestep branches at inference (ALGORITHM.md "Stage C"): the ``routed`` two-checkpoint mode, which runs
+"""Split-timestep branches at inference (docs/algorithm.md "Stage C"): the ``routed`` two-checkpoint mode, which runs
 the high-noise branch where ``1000 * sigma > boundary`` and the low-noise branch elsewhere, to measure what
-merging the branches into one checkpoint costs. Training the branches and merging them is in :mod:`.trainer`.
+merging the branches into one checkpoint costs. Training the branches and merging them is in :mod:`.stages.split`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The teacher stage's inputs: (image, caption) datasets, their VAE latents and their text conditioning.
 
-The teacher is an MM-DiT trained from scratch by rectified flow (ALGORITHM.md "Notation": ``x_s = (1 - s) x0 +
-s eps``, target ``v = eps - x0``) with SD3's logit-normal sigmas and caption dropout (TOYWORLD.md "Teacher").
-The loop itself is :meth:`Trainer.train_teacher <.trainer.Trainer.train_teacher>`; this module prepares what it
-samples from, once per run:
+The teacher is an MM-DiT trained from scratch by rectified flow (docs/algorithm.md "Notation": ``x_s = (1 - s) x0 +
+s eps``, target ``v = eps - x0``) with SD3's logit-normal sigmas and caption dropout (docs/toyworld.md "Teacher").
+The stage itself is :mod:`.stages.teacher`; this module prepares what it samples from, once per run:
 
-* a dataset of captioned images (:class:`CaptionedImages`): the toy world (:func:`toyworld_images`, drawn from a
-  seed), or a folder of images with same-named ``.txt`` captions (:func:`folder_images`);
+* a dataset of captioned images (:class:`CaptionedImages`): one the caller provides by name (a
+  :data:`DatasetSource`, drawn from a seed: ``sd35-flash-train`` provides the toy world's,
+  :mod:`.toyworld.dataset`), or a folder of images with same-named ``.txt`` captions (:func:`folder_images`);
 * a :class:`LatentPool`: the images encoded once by the frozen VAE (posterior mean, model space), and every
   distinct caption encoded once by the frozen text encoders, with and without T5, stored unpadded as the teacher
   data is (:mod:`.data`) and padded to the SD3 widths per batch. The empty caption is always in the table: it is
@@ -15,6 +15,7 @@ samples from, once per run:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..flash_core.vae import process_in
 from .config import ConfigError
-from .data import _drop_clip, _encode, conditioning_widths, pad_context
+from .data import conditioning_widths, drop_clip, encode_unpadded, pad_context
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NULL_CAPTION = ""
@@ -44,14 +45,7 @@ class CaptionedImages:
                              f"{len(self.images)} images and {len(self.captions)} captions")
 
 
-def toyworld_images(count: int, seed: int, image_size: int = 16) -> CaptionedImages:
-    """``count`` toy-world scenes (TOYWORLD.md "World") drawn with ``seed``."""
-    from .toyworld import world
-
-    if image_size != world.IMAGE_SIZE:
-        raise ConfigError(f"teacher.image_size: the toy world is {world.IMAGE_SIZE} px, got {image_size}")
-    batch = world.sample(count, seed)
-    return CaptionedImages(batch.images, batch.captions)
+DatasetSource = Callable[[int, int, int], CaptionedImages]  # (count, seed, image_size) -> the dataset
 
 
 def _square(image: Image.Image, size: int) -> torch.Tensor:
@@ -68,7 +62,7 @@ def folder_images(folder: str | Path, image_size: int, limit: int | None = None)
     file, centre-cropped and resized to ``image_size``. A missing caption file is an error naming the image."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"teacher.dataset: '{folder}' is neither 'toyworld' nor a folder of images")
+        raise ConfigError(f"teacher.dataset: '{folder}' is not a folder of images")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not paths:
         raise ConfigError(f"teacher.dataset: '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -83,10 +77,15 @@ def folder_images(folder: str | Path, image_size: int, limit: int | None = None)
     return CaptionedImages(torch.stack(images), captions)
 
 
-def load_dataset(spec: str, count: int, image_size: int, seed: int) -> CaptionedImages:
-    """``teacher.dataset``: ``toyworld`` (``count`` scenes from ``seed``) or a folder (at most ``count``)."""
-    if spec == "toyworld":
-        return toyworld_images(count, seed, image_size)
+def load_dataset(spec: str, count: int, image_size: int, seed: int,
+                 datasets: Mapping[str, DatasetSource]) -> CaptionedImages:
+    """``teacher.dataset``: a name in ``datasets`` (``count`` samples drawn from ``seed``) or a folder (at most
+    ``count``); anything else is a :class:`ConfigError` naming the key and the names provided."""
+    if spec in datasets:
+        return datasets[spec](count, seed, image_size)
+    if not Path(spec).is_dir():
+        names = " nor ".join(repr(name) for name in datasets) or "a named dataset (this caller provides none)"
+        raise ConfigError(f"teacher.dataset: '{spec}' is neither {names} nor a folder of images")
     return folder_images(spec, image_size, count)
 
 
@@ -136,11 +135,11 @@ class LatentPool:
         with torch.no_grad():
             for i in range(0, len(captions), chunk):
                 rows = captions[i:i + chunk]
-                clip, _, pooled = _encode(text_encoder, rows, False, widths)
+                clip, _, pooled = encode_unpadded(text_encoder, rows, False, widths)
                 parts["clip"].append(clip.cpu())
                 parts["pooled"].append(pooled.cpu())
                 if has_t5:
-                    _, t5, pooled_t5 = _encode(text_encoder, rows, True, widths)
+                    _, t5, pooled_t5 = encode_unpadded(text_encoder, rows, True, widths)
                     parts["t5"].append(t5.cpu())
                     parts["pooled_t5"].append(pooled_t5.cpu())
         conditioning = {k: torch.cat(v) for k, v in parts.items() if v}
@@ -156,13 +155,13 @@ class LatentPool:
     def conditioning_for(self, caption_rows: torch.Tensor, use_t5: bool, drop_l: torch.Tensor | None = None,
                          drop_g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(context [B, 77 (+T5), 4096], pooled [B, 2048])`` for caption-table rows, with the per-sample CLIP
-        dropouts (ALGORITHM.md "Text encoders and T5 dropout") applied when given."""
+        dropouts (docs/algorithm.md "Text encoders and T5 dropout") applied when given."""
         c = self.conditioning
         use_t5 = use_t5 and self.has_t5
         clip = c["clip"][caption_rows].clone()
         pooled = (c["pooled_t5"] if use_t5 else c["pooled"])[caption_rows].clone()
         if drop_l is not None and drop_g is not None:
-            _drop_clip(clip, pooled, drop_l, drop_g, self.clip_l_width)
+            drop_clip(clip, pooled, drop_l, drop_g, self.clip_l_width)
         return pad_context(clip, c["t5"][caption_rows] if use_t5 else None), pooled
 
     def caption_rows(self, captions: list[str]) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """MM-DiT keys: official (Stability / ComfyUI, prefix stripped) <-> diffusers ``SD3Transformer2DModel``.
 
-The table is CHECKPOINTS.md "Official -> diffusers key mapping". Three transforms besides renaming:
+The table is docs/checkpoints.md "Official -> diffusers key mapping". Three transforms besides renaming:
 - the fused ``qkv`` Linear is split into ``to_q/to_k/to_v`` (context stream: ``add_q/k/v_proj``) and back;
 - the LAST context block's adaLN and ``final_layer.adaLN_modulation`` are stored (shift, scale) officially and
   (scale, shift) in diffusers: their rows are swapped;

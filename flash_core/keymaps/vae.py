@@ -1,6 +1,6 @@
 """VAE key mapping between the official layout (Stability ``SDVAE`` / ComfyUI ``first_stage_model``) and diffusers.
 
-CHECKPOINTS.md "VAE". Keys are unprefixed. The two layouts differ in names only, except that
+docs/checkpoints.md "VAE". Keys are unprefixed. The two layouts differ in names only, except that
 
 - decoder levels are numbered in opposite orders: official ``decoder.up.i`` (finest first) is diffusers
   ``decoder.up_blocks.(n-1-i)`` (coarsest first), n = number of levels in the state dict;
@@ -106,7 +106,7 @@ def _convert_key(key: str, rules: list[Rule], n: int, layout: str, other: str) -
         if m:
             return build(m, n)
     raise CheckpointError(f"unknown VAE key '{key}': it is not part of the {layout} layout "
-                          f"(CHECKPOINTS.md 'VAE'; for the other layout use {other})")
+                          f"(docs/checkpoints.md 'VAE'; for the other layout use {other})")
 
 
 def _is_attn_projection(official_key: str) -> bool:

@@ -1,7 +1,7 @@
 """Tests against a real ComfyUI checkout: they run when COMFYUI_ROOT points at one, and skip otherwise.
 
 ComfyUI is imported the way its own unit tests do it outside the server: argument parsing off and
-``--cpu`` set before ``comfy.model_management`` is imported (COMFYUI.md "CPU note").
+``--cpu`` set before ``comfy.model_management`` is imported (docs/comfyui.md "CPU note").
 """
 
 import os

@@ -1,5 +1,5 @@
 """Write tests/data/stock_nodes.json: a real ComfyUI's ``/object_info`` entries for the stock node types our graphs
-use (``flash_core.graph.STOCK_NODE_TYPES``), so that tests without ComfyUI can check workflows against them.
+use (``flash_core.node_specs.STOCK_NODE_TYPES``), so that tests without ComfyUI can check workflows against them.
 
     COMFYUI_ROOT=/path/to/ComfyUI /path/to/comfyui-python tests/comfyui/make_stock_snapshot.py [--commit SHA]
 
@@ -25,12 +25,15 @@ FIELDS = ("name", "display_name", "input", "input_order", "output", "output_is_l
 
 
 def stock_node_types() -> tuple[str, ...]:
-    """``STOCK_NODE_TYPES`` from flash_core/graph.py, loaded by path (it imports nothing of the package)."""
-    spec = importlib.util.spec_from_file_location("_sd35_flash_graph", REPO / "flash_core" / "graph.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module.STOCK_NODE_TYPES
+    """``STOCK_NODE_TYPES`` from flash_core/node_specs.py, with this checkout imported as ``sd35_flash`` (whatever its
+    folder is called)."""
+    if "sd35_flash" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("sd35_flash", REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["sd35_flash"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module("sd35_flash.flash_core.node_specs").STOCK_NODE_TYPES
 
 
 def load_comfyui(root: str | os.PathLike):

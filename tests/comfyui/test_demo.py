@@ -146,7 +146,7 @@ def test_a_small_vocabulary_without_its_tokenizers_is_a_clear_error(demo_folder,
 @pytest.fixture(scope="module")
 def built_demo(comfy, ci_build, tmp_path_factory):
     """The ci-size toy world's demo folder (tests/conftest.py), registered as a checkpoints folder. The ci preset
-    keeps hidden = 64 * depth, so ComfyUI's detection (depth = hidden / 64, COMFYUI.md 4b) loads it."""
+    keeps hidden = 64 * depth, so ComfyUI's detection (depth = hidden / 64, docs/comfyui.md 4b) loads it."""
     import folder_paths
 
     out = ci_build

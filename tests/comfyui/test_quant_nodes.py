@@ -235,8 +235,8 @@ def lora(model, scale: float = 0.05):
 def test_quantize_model_is_close_and_carries_the_models_state(dense):
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
+    from sd35_flash.nodes.attributes import QUANT_ATTRIBUTE
     from sd35_flash.nodes.native import flash_metadata
-    from sd35_flash.nodes.quant_ops import QUANT_ATTRIBUTE
 
     dense_model, cond = dense
     with torch.inference_mode():

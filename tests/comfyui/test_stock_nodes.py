@@ -1,5 +1,5 @@
 """Stock ComfyUI nodes on what our loaders return: KSampler, CLIPTextEncodeSD3, ModelSamplingSD3 + Flash Scheduler
-+ SamplerCustomAdvanced, and a LoRA patch. Native types mean these work unchanged (ARCHITECTURE.md)."""
++ SamplerCustomAdvanced, and a LoRA patch. Native types mean these work unchanged (docs/architecture.md)."""
 
 import pytest
 import torch

@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: workflow_check
 
-from sd35_flash.flash_core import graph  # noqa: E402
-from sd35_flash.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, loaders  # noqa: E402
+from sd35_flash.flash_core import graph, node_specs  # noqa: E402
+from sd35_flash.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, loaders, workflows  # noqa: E402
 
 from make_stock_snapshot import SNAPSHOT, load_comfyui, snapshot_entry  # noqa: E402
 from workflow_check import FILE_PATTERN, our_schemas  # noqa: E402
@@ -41,10 +41,10 @@ def monkeypatch_module():
 def test_stock_snapshot_is_what_this_comfyui_serves(server):
     _, node_info = server
     snapshot = json.loads(SNAPSHOT.read_text())["nodes"]
-    assert sorted(snapshot) == sorted(graph.STOCK_NODE_TYPES)
+    assert sorted(snapshot) == sorted(node_specs.STOCK_NODE_TYPES)
     for name, entry in snapshot.items():
         assert snapshot_entry(node_info(name)) == entry, (
-            f"ComfyUI's {name} changed: rerun tests/comfyui/make_stock_snapshot.py and check flash_core/graph.py")
+            f"ComfyUI's {name} changed: rerun tests/comfyui/make_stock_snapshot.py and check flash_core/node_specs.py")
 
 
 def test_our_nodes_pass_the_servers_node_info(server, monkeypatch):
@@ -73,9 +73,9 @@ def model_files(monkeypatch):
     monkeypatch.setattr(folder_paths, "get_filename_list", lambda folder: list(MODEL_FILES))
 
 
-@pytest.mark.parametrize("name", sorted(graph.EXAMPLES))
+@pytest.mark.parametrize("name", sorted(workflows.EXAMPLES))
 def test_comfyui_accepts_the_example_prompt(server, model_files, name):
-    api = json.loads((graph.EXAMPLES_DIR / "api" / f"{name}.json").read_text())
+    api = json.loads((workflows.EXAMPLES_DIR / "api" / f"{name}.json").read_text())
     ok, error, node_errors = _validate(api)
     assert ok, (error, node_errors)
 

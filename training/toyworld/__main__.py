@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from ...flash_core.atomic import sigterm_raises
-from ...flash_core.cli import OneLineParser, run_guarded
+from ...flash_core.console import OneLineParser, run_guarded
 from ...flash_core.threads import AUTO, load_average, parse_threads, set_threads, usable_cores
 from .build import PRESETS, STAGES
 

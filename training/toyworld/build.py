@@ -1,4 +1,4 @@
-"""Rebuild the toy world from nothing, in one command (issue 6 "Reproduction"; TOYWORLD.md "Budgets"):
+"""Rebuild the toy world from nothing, in one command (issue 6 "Reproduction"; docs/toyworld.md "Budgets"):
 
 ``python -m sd35_flash.training.toyworld --preset ci|full --out DIR``
 
@@ -14,10 +14,11 @@ data stage) from TOML configs written into ``DIR`` first, so any of them can be 
 Outputs (under ``DIR``): ``world/`` (prompts, evaluation prompts, a grid of real scenes), ``tokenizers/``,
 ``components.safetensors`` (VAE + text encoders: the teacher's frozen parts), ``evaluator.safetensors``,
 ``teacher/``, ``data/``, ``students/step{4,2}/``, ``students/step{4,2}/variants/<reading>_s<seed>/`` (the
-quality table's DMD and split runs, each with its TOML config beside its folder), ``demo/`` (``sd35_flash_demo.safetensors``: the 4-step
-student with its encoders and VAE in the official single-file layout with metadata, ``tokenizers/`` and a sample
-image) and ``build.json`` (each stage's wall time and outputs). ``--resume`` skips the stages ``build.json``
-records as done with the same preset, and resumes interrupted training stages from their saved state.
+quality table's DMD and split runs, each with its TOML config beside its folder), ``demo/``
+(``sd35_flash_demo.safetensors``: the 4-step student with its encoders and VAE in the official single-file
+layout with metadata, ``tokenizers/`` and a sample image) and ``build.json`` (each stage's wall time and
+outputs). ``--resume`` skips the stages ``build.json`` records as done with the same preset, and resumes
+interrupted training stages from their saved state.
 """
 
 from __future__ import annotations
@@ -31,17 +32,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ...flash_core.checkpoint import FlashMetadata, component_state_dict, index_checkpoint, save_checkpoint
+from ...flash_core.demo import DEMO_FILE_NAME, DEMO_FOLDER
 from ...flash_core.tokenizer_files import written_tokenizer_metadata
-from ..config import config_from_dict, to_toml
-from ..trainer import Trainer, World, image_grid, run_stages
+from ..config import SCORE_SAMPLES, config_from_dict, to_toml
+from ..distributed import World
+from ..stages.previews import image_grid
+from ..trainer import Trainer, run_stages
 from . import encoders, evaluator, tokenizer, world
+from .dataset import DATASETS
 
-DEMO_NAME = "sd35_flash_demo.safetensors"
 DEMO_PROMPT = "a blue triangle at the top"
-# Stage C's boundary on 1000 * sigma: ALGORITHM.md's 500 splits the 4-step grid {1, .9, .75, .5} 3:1; the 2-step
+# Stage C's boundary on 1000 * sigma: docs/algorithm.md's 500 splits the 4-step grid {1, .9, .75, .5} 3:1; the 2-step
 # grid {1, .75} lies wholly above it, so its branches split between its two steps.
 SPLIT_BOUNDARY = {4: 500.0, 2: 875.0}
 
@@ -73,14 +76,14 @@ class Preset:
     # The quality table's variants (stage ``variants``): for each of ``student_steps``, DMD from the trajectory
     # guidance student with each ``score_sample`` reading, and split + merge on ``readings[0]`` (the full method),
     # each trained with ``seeds`` training seeds (seed + 0, + 1, ...; ``--seeds`` overrides).
-    readings: tuple[str, ...] = ("shared_next", "shared_current", "renoise")
+    readings: tuple[str, ...] = SCORE_SAMPLES
     seeds: int = 3
     workers: int = 2                   # processes (one torch thread each) training the variants side by side
     eval_samples: int = 480            # samples per row of the quality table (stage ``table``)
 
 
 PRESETS = {
-    # The whole chain at unit-test size (TOYWORLD.md "Budgets": check plumbing, not quality): a few minutes.
+    # The whole chain at unit-test size (docs/toyworld.md "Budgets": check plumbing, not quality): a few minutes.
     "ci": Preset(
         name="ci", prompts=8,
         vae={"iterations": 40, "batch_size": 16},
@@ -227,28 +230,12 @@ def stage_vae(b: Build) -> dict:
     return {"recon_mse": recon, "files": ["components.safetensors", "vae_log.csv"]}
 
 
-def save_classifier(path: Path, model: evaluator.AttributeClassifier, width: int) -> Path:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), {"width": str(width)})
-    return path
-
-
-def load_classifier(path: str | Path) -> evaluator.AttributeClassifier:
-    """The evaluator classifier written by the build (its width is in the file's metadata)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        width = int(f.metadata()["width"])
-    model = evaluator.AttributeClassifier(width)
-    model.load_state_dict(load_file(str(path)))
-    return model.eval().requires_grad_(False)
-
-
 def stage_evaluator(b: Build) -> dict:
-    """The attribute classifier (a measuring instrument, never a training loss: TOYWORLD.md "Pitfalls" 4)."""
+    """The attribute classifier (a measuring instrument, never a training loss: docs/toyworld.md "Pitfalls" 4)."""
     settings = {"width": 32, **b.preset.classifier}
     model, log = evaluator.train_classifier(seed=b.preset.seed + 11, progress=b.progress, **settings)
     _write_csv(b.path("evaluator_log.csv"), log)
-    save_classifier(b.path("evaluator.safetensors"), model, settings["width"])
+    evaluator.save_classifier(b.path("evaluator.safetensors"), model, settings["width"])
     held_out = world.sample(512, b.preset.seed + 99)
     accuracy = evaluator.attribute_accuracy(model.predict(held_out.images), held_out.labels)
     return {"held_out_accuracy": accuracy, "files": ["evaluator.safetensors", "evaluator_log.csv"]}
@@ -298,7 +285,8 @@ def write_config(path: Path, table: dict):
 
 def stage_teacher(b: Build) -> dict:
     config = write_config(b.path("teacher", "teacher.toml"), teacher_config(b))
-    Trainer(config, World(), progress=b.progress).run("teacher", resume=b.resume, overwrite=not b.resume)
+    trainer = Trainer(config, World(), progress=b.progress, datasets=DATASETS)
+    trainer.run("teacher", resume=b.resume, overwrite=not b.resume)
     return {"files": ["teacher/teacher.toml", "teacher/teacher.safetensors", "teacher/log_teacher.csv"]}
 
 
@@ -320,17 +308,17 @@ def _student_stage(b: Build, stage: str, steps_list: tuple[int, ...]) -> dict:
 
 
 def stage_pretrain(b: Build) -> dict:
-    """Stage A, trajectory guidance, for each student step count (ALGORITHM.md "Stage A")."""
+    """Stage A, trajectory guidance, for each student step count (docs/algorithm.md "Stage A")."""
     return _student_stage(b, "pretrain", b.preset.student_steps)
 
 
 def stage_dmd(b: Build) -> dict:
-    """Stage B, DMD with the configured score sample (ALGORITHM.md "Stage B")."""
+    """Stage B, DMD with the configured score sample (docs/algorithm.md "Stage B")."""
     return _student_stage(b, "dmd", b.preset.dmd_steps)
 
 
 def stage_split(b: Build) -> dict:
-    """Stage C, split-timestep fine-tuning and the merge (ALGORITHM.md "Stage C")."""
+    """Stage C, split-timestep fine-tuning and the merge (docs/algorithm.md "Stage C")."""
     return _student_stage(b, "split", b.preset.dmd_steps)
 
 
@@ -385,7 +373,7 @@ def _train_variant(config_path: str, stages: list[str], resume: bool, threads: i
 
 def _train_variants(b: Build, runs: list[dict]) -> dict[str, float]:
     """Train ``runs`` (each written as its TOML config first) on ``preset.workers`` processes of one torch thread
-    each (TOYWORLD.md "Pitfalls" 5: small batches use a second thread poorly); one bar over the runs."""
+    each (docs/toyworld.md "Pitfalls" 5: small batches use a second thread poorly); one bar over the runs."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -497,21 +485,14 @@ def stage_demo(b: Build) -> dict:
     folder = b.path("demo")
     parts = {c: component_state_dict(files, c) for c in ("mmdit", "vae", "clip_l", "clip_g", "t5") if files.has(c)}
     tokenizers = written_tokenizer_metadata(source, files.metadata, b.path("tokenizers"))  # they travel with it
-    path = save_checkpoint(folder / DEMO_NAME, metadata=meta, extra_metadata=tokenizers, **parts)
+    path = save_checkpoint(folder / DEMO_FILE_NAME, metadata=meta, extra_metadata=tokenizers, **parts)
     shutil.copytree(b.path("tokenizers"), folder / "tokenizers", dirs_exist_ok=True)
     pipe = FlashPipeline.from_checkpoint(path, tokenizers=folder / "tokenizers", device="cpu", dtype="fp32")
     image = pipe(DEMO_PROMPT, steps=4, seed=0, width=world.IMAGE_SIZE, height=world.IMAGE_SIZE, progress=False)[0]
     image.resize((128, 128), 0).save(folder / "sample.png")
-    return {"source": str(source.relative_to(b.out)), "table_row": row, "megabytes": round(path.stat().st_size / 2**20, 2),
-            "files": [f"demo/{DEMO_NAME}", "demo/tokenizers", "demo/sample.png"]}
-
-
-def demo_folder() -> Path:
-    """The package's ``demo/`` folder: where ``sd35-flash generate`` (no ``--checkpoint``) and the ComfyUI pack
-    look for the embedded demo model."""
-    from ...flash_core.cli import DEMO_CHECKPOINT
-
-    return DEMO_CHECKPOINT.parent
+    return {"source": str(source.relative_to(b.out)), "table_row": row,
+            "megabytes": round(path.stat().st_size / 2**20, 2),
+            "files": [f"demo/{DEMO_FILE_NAME}", "demo/tokenizers", "demo/sample.png"]}
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
@@ -571,8 +552,10 @@ def model_card(b: Build) -> str:
             m = rows[key]["metrics"]
             mean = lambda k: sum(m[k]) / len(m[k])  # noqa: E731
             seeds = len(m["fd_t"])
+            trained = (f"the mean of its {seeds} training seeds, this file being the first" if seeds > 1
+                       else "one training seed")
             lines += [f"Quality (the README's toy-world table, row `{rows[key]['label']}`, 4 model calls; "
-                      f"{'the mean of its ' + str(seeds) + ' training seeds, this file being the first' if seeds > 1 else 'one training seed'}): FD_T "
+                      f"{trained}): FD_T "
                       f"{mean('fd_t'):.2f}, paired MSE {mean('paired_mse'):.4f}, FD to real images "
                       f"{mean('fd_real'):.2f}, all attributes right {100 * mean('acc_all'):.1f} %.", ""]
     lines += prompt_guide(b.preset.text_length)
@@ -580,16 +563,17 @@ def model_card(b: Build) -> str:
 
 
 def install_demo(b: Build, dest: str | Path | None = None) -> Path:
-    """Copy the build's demo (checkpoint, tokenizers, sample) into ``dest`` (default: :func:`demo_folder`), each
-    file through a temporary name, with a model card; returns the installed checkpoint."""
-    dest = Path(dest) if dest is not None else demo_folder()
+    """Copy the build's demo (checkpoint, tokenizers, sample) into ``dest`` (default:
+    :data:`~flash_core.demo.DEMO_FOLDER`), each file through a temporary name, with a model card; returns the
+    installed checkpoint."""
+    dest = Path(dest) if dest is not None else DEMO_FOLDER
     source = b.path("demo")
-    if "demo" not in b.record.get("stages", {}) or not (source / DEMO_NAME).exists():
-        raise FileNotFoundError(f"{source / DEMO_NAME}: the build has no demo yet; run it through the demo stage")
+    if "demo" not in b.record.get("stages", {}) or not (source / DEMO_FILE_NAME).exists():
+        raise FileNotFoundError(f"{source / DEMO_FILE_NAME}: the build has no demo yet; run it through the demo stage")
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         _copy_atomic(path, dest / path.relative_to(source))
     (dest / "README.md").write_text(model_card(b))
-    return dest / DEMO_NAME
+    return dest / DEMO_FILE_NAME
 
 
 # The preset settings each stage's outputs depend on (besides the stages before it): what --resume compares.

@@ -1,6 +1,6 @@
-"""The toy world's text encoders and VAE: SD3.5's component kinds at toy size (issue 6, TOYWORLD.md "World").
+"""The toy world's text encoders and VAE: SD3.5's component kinds at toy size (issue 6, docs/toyworld.md "World").
 
-Text encoders (ALGORITHM.md "Text encoders and T5 dropout"): a CLIP-L-shaped ``CLIPTextModel`` (quick_gelu,
+Text encoders (docs/algorithm.md "Text encoders and T5 dropout"): a CLIP-L-shaped ``CLIPTextModel`` (quick_gelu,
 unprojected pooled), a CLIP-G-shaped ``CLIPTextModelWithProjection`` (gelu, pooled projected to 128, wider than
 L's 64 as bigG's 1280 is wider than L's 768) and a T5-shaped ``T5EncoderModel`` (gated-gelu, relative attention):
 3 CLIP layers of width 64 each (one 64-wide head, MLP ratio 1), 2 T5 blocks of width 64; 0.26 M parameters, about
@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from ...flash_core.text import Tokenizers, TripleTextEncoder
-from ...flash_core.vae import LATENT_SCALE, LATENT_SHIFT, SD3VAE, VAEConfig
+from ...flash_core.vae import LATENT_SCALE, LATENT_SHIFT, RELEASED_DOWNSCALE, SD3VAE, VAEConfig
 from . import world
 from .tokenizer import CLIP_BOS, CLIP_EOS, SPECIAL_TOKENS, vocab_size
 
@@ -59,7 +59,7 @@ CLIP_BOS_ID, CLIP_EOS_ID = SPECIAL_TOKENS.index(CLIP_BOS), SPECIAL_TOKENS.index(
 CLIP_L_WIDTH, CLIP_G_WIDTH, CLIP_G_PROJECTION, T5_WIDTH = 64, 64, 128, 64
 TOY_VAE = VAEConfig(base_channels=32, channel_mult=(1,), num_res_blocks=1)  # no downsampling: 16 px -> 16x16
 LATENT_SIZE = world.IMAGE_SIZE // TOY_VAE.downscale_factor  # 16: 8x8 = 64 image tokens at patch 2
-COMFY_EMPTY_LATENT_SIZE = 8 * LATENT_SIZE  # EmptySD3LatentImage's width/height for a 16x16 latent (see above)
+COMFY_EMPTY_LATENT_SIZE = RELEASED_DOWNSCALE * LATENT_SIZE  # EmptySD3LatentImage's width/height for a 16x16 latent (see above)
 
 
 # ------------------------------------------------------------------------------------------ text encoders

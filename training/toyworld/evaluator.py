@@ -1,8 +1,8 @@
-"""The toy world's evaluator (issue 6 "An evaluator"; TOYWORLD.md "Metrics that discriminate").
+"""The toy world's evaluator (issue 6 "An evaluator"; docs/toyworld.md "Metrics that discriminate").
 
 * :class:`AttributeClassifier`: a small CNN trained on toy images to predict every attribute of
   :data:`~.world.ATTRIBUTES` (layout, both objects' colour and shape, size, position, background). It is a
-  measuring instrument only: never use it as a training loss (TOYWORLD.md "Pitfalls" 4: that would leak the
+  measuring instrument only: never use it as a training loss (docs/toyworld.md "Pitfalls" 4: that would leak the
   metric). Its penultimate layer, :meth:`AttributeClassifier.features`, is the feature space of the Frechet
   distances, as Inception's pool layer is for FID.
 * :func:`frechet_distance`: ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)`` between Gaussians
@@ -16,9 +16,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -178,7 +181,7 @@ def repeat_prompts(prompts: list[str] | tuple[str, ...], count: int) -> list[str
 def real_vs_real_floor(classifier: AttributeClassifier, prompts=world.EVAL_PROMPTS, count_a: int = 1000,
                        count_b: int = 2000, seed: int = 0) -> float:
     """FD between two independent sets of real images for the same prompts, of the table's sample counts: the
-    floor under which no FD_real can be read as a difference (TOYWORLD.md: about 24 for 1000 vs 2000)."""
+    floor under which no FD_real can be read as a difference (docs/toyworld.md: about 24 for 1000 vs 2000)."""
     generator = torch.Generator().manual_seed(seed)
     real_a = world.sample_for_prompts(repeat_prompts(prompts, count_a), generator).images
     real_b = world.sample_for_prompts(repeat_prompts(prompts, count_b), generator).images
@@ -190,3 +193,17 @@ def spread(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
     return mean, math.sqrt(var)
+
+
+def save_classifier(path: Path, model: AttributeClassifier, width: int) -> Path:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), {"width": str(width)})
+    return path
+
+
+def load_classifier(path: str | Path) -> AttributeClassifier:
+    """The evaluator classifier written by the build (its width is in the file's metadata)."""
+    with safe_open(str(path), framework="pt") as f:
+        width = int(f.metadata()["width"])
+    model = AttributeClassifier(width)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval().requires_grad_(False)

@@ -1,4 +1,4 @@
-"""The quality table of issue 6 (item 4; TOYWORLD.md "Metrics that discriminate"): every row a checkpoint made by a
+"""The quality table of issue 6 (item 4; docs/toyworld.md "Metrics that discriminate"): every row a checkpoint made by a
 toy-world build (``build.json``'s ``variants`` stage), sampled through the product's path, measured with the
 build's evaluator.
 
@@ -16,7 +16,7 @@ build's evaluator.
   same prompts (``2 x samples`` of them) beside the real-vs-real floor at the same counts, and attribute accuracy
   against the prompts' labels (all attributes right, and each). Rows trained with several seeds give the mean and
   the sample standard deviation over seeds.
-* **Cache** (TOYWORLD.md "Pitfalls" 5): the teacher's reference samples, their features, the real features and the
+* **Cache** (docs/toyworld.md "Pitfalls" 5): the teacher's reference samples, their features, the real features and the
   floor go to ``DIR/quality/cache/reference_<samples>.safetensors``, keyed by the teacher's and evaluator's bytes
   and every setting that changes them.
 """
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ...flash_core.pipeline import Conditioning, FlashPipeline, latents_to_images
 from ...flash_core.vae import process_out
 from ..split import load_routed
-from ..trainer import image_grid
+from ..stages.previews import image_grid
 from . import evaluator, world
 
 CHUNK = 96                        # samples per generation call (a ComfyUI batch); call j uses noise seed NOISE_SEED + j
@@ -311,12 +311,10 @@ def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = Tru
     """Every row of :func:`table_rows` measured on ``samples`` fixed samples; writes ``DIR/quality/table.json``,
     ``table.md`` and (``grids``) one grid PNG per row plus ``real.png``. Trains nothing. ``progress``: a bar over
     the reference and the rows."""
-    from .build import load_classifier
-
     b = Path(build_dir)
     rows = table_rows(b)
     tokenizers = b / read_record(b)["stages"]["variants"]["tokenizers"]
-    classifier = load_classifier(b / "evaluator.safetensors")
+    classifier = evaluator.load_classifier(b / "evaluator.safetensors")
     ref = reference(b, classifier, samples, log, progress)
     folder = b / "quality"
     if grids:

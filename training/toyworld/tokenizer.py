@@ -1,12 +1,12 @@
 """The toy world's word-level tokenizer, saved where :func:`flash_core.text.load_tokenizers` finds it.
 
-TOYWORLD.md "World": a word-level tokenizer is enough for the toy vocabulary (24 words); it is saved as a
+docs/toyworld.md "World": a word-level tokenizer is enough for the toy vocabulary (24 words); it is saved as a
 ``tokenizers`` WordLevel ``tokenizer.json`` that ``transformers.PreTrainedTokenizerFast`` and
 ``AutoTokenizer.from_pretrained(folder)`` read. (CLIP's BPE files would not do: transformers 5's ``CLIPTokenizer``
 and ``T5TokenizerFast`` rebuild their own BPE / Unigram models and ignore a WordLevel ``tokenizer.json``.)
 
 One vocabulary serves all three encoders; the folder holds it twice with different special tokens, in the
-"clip/ and t5xxl/ subfolders" layout of ``load_tokenizers`` (ALGORITHM.md "Text encoders and T5 dropout"):
+"clip/ and t5xxl/ subfolders" layout of ``load_tokenizers`` (docs/algorithm.md "Text encoders and T5 dropout"):
 
 * ``clip/``: start ``<|startoftext|>``, end ``<|endoftext|>`` (CLIP-L also pads with it), as CLIP's tokenizer.
   CLIP-G pads with id 0, which is ``<pad>`` here.

@@ -1,6 +1,6 @@
-"""The toy world: seeded, captioned 16x16 RGB scenes (TOYWORLD.md "World", made harder as issue 6 asks).
+"""The toy world: seeded, captioned 16x16 RGB scenes (docs/toyworld.md "World", made harder as issue 6 asks).
 
-What makes it harder than the prototype (TOYWORLD.md: "too easy: colour and position were right 100 % of the
+What makes it harder than the prototype (docs/toyworld.md: "too easy: colour and position were right 100 % of the
 time for every model"):
 
 * backgrounds are a grey gradient, stripes or smooth blotches, with a random level and a slight tint: many

@@ -1,0 +1,142 @@
+"""Stage B, DMD with timestep sharing (docs/algorithm.md "Stage B"): the student's samples are pushed along the
+difference of two scores, kept together in :class:`DMDScores` as DMD2 keeps its real and fake networks in one
+guidance model:
+
+* the real score: the frozen teacher's velocity, with CFG ``dmd.real_cfg`` against the teacher data's negative;
+* the fake score: a copy of the teacher trained in fp32 with its own optimizer, fit by flow matching to the
+  student's current samples (``dmd.fake_updates_per_step`` updates per step; generator steps wait for
+  ``dmd.fake_warmup_steps`` of them).
+
+The split stage's ``dmd`` objective runs the same step on each branch's student steps.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ...flash_core.schedule import SD35_SHIFT, shift_sigma
+from .. import objectives as obj
+from . import Driver, StagePlan
+from .networks import make_optimizer, optimizer_step, set_lr, velocity_fn
+
+
+def new_fake_score(trainer: Driver) -> torch.nn.Module:
+    """The fake score network, initialised from the teacher (docs/algorithm.md "Stage B"), trained in fp32."""
+    return copy.deepcopy(trainer.teacher).float().requires_grad_(True).train()
+
+
+class DMDScores:
+    """The real and the fake score of DMD (module docstring), the fake one wrapped for this job and with its
+    AdamW (``dmd.fake_optim``). Every draw comes from the step's generator, in a fixed order: the batch, per fake
+    update its step and its noise, then the generator step's segment and its re-noising."""
+
+    def __init__(self, trainer: Driver, fake: torch.nn.Module):
+        self.trainer, self.config = trainer, trainer.config.dmd
+        self.fake = fake
+        self.fake_model = trainer.wrap(fake)
+        self.fake_optimizer = make_optimizer(fake.parameters(), self.config.fake_optim)
+
+    @property
+    def autocast(self) -> bool:
+        return self.trainer.config.train.autocast == "bf16"
+
+    def real_score(self, batch: dict):
+        """The frozen teacher's velocity on ``batch``'s conditioning, with CFG ``dmd.real_cfg``."""
+        d = self.trainer.world.device
+        uncond = self.trainer.data.uncond_batch(batch["noise"].shape[0], batch["use_t5"])
+        return velocity_fn(self.trainer.teacher, batch["context"], batch["pooled"], self.autocast,
+                           tuple(u.to(d) for u in uncond), self.config.real_cfg)
+
+    def fake_score(self, batch: dict):
+        """The fake score's velocity on ``batch``'s conditioning (no CFG)."""
+        return velocity_fn(self.fake_model, batch["context"], batch["pooled"], self.autocast)
+
+    def update_fake_score(self, student_v, batch: dict, sigmas: torch.Tensor, choices: list[int],
+                          generator: torch.Generator) -> float:
+        """``dmd.fake_updates_per_step`` flow-matching updates of the fake score, each on the student's x0 from a
+        random student step among ``choices`` at a fresh shifted sigma; their mean loss."""
+        world, b, d = self.trainer.world, self.trainer.config.train.batch_size, self.trainer.world.device
+        n = batch["noise"].shape[0]
+        fake_v = self.fake_score(batch)
+        fake_losses = []
+        for _ in range(self.config.fake_updates_per_step):
+            k = choices[int(torch.randint(len(choices), (), generator=generator))]
+            with torch.no_grad():
+                x_k = obj.rollout(student_v, batch["noise"], sigmas, k)
+                x0 = obj.x0_from_velocity(x_k, student_v(x_k, sigmas[k].expand(n)), sigmas[k])
+            eps = world.local(torch.randn((b, *x0.shape[1:]), generator=generator)).to(d)
+            t = world.local(torch.rand(b, generator=generator))
+            sigma = shift_sigma(t, SD35_SHIFT).to(d)
+            fake_loss = obj.flow_matching_loss(fake_v, x0, eps, sigma)
+            optimizer_step(self.fake_model, self.fake_optimizer, fake_loss, self.config.fake_optim)
+            fake_losses.append(fake_loss.item())
+        return sum(fake_losses) / len(fake_losses)
+
+    def generator_loss(self, student_v, batch: dict, sigmas: torch.Tensor, choices: list[int],
+                       generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The student's loss at a random student step ``k`` among ``choices``: DMD's (the x0 estimate pushed
+        along real minus fake score, read as ``dmd.score_sample`` says), plus ``dmd.trajectory_weight`` times
+        Stage A's loss on segment ``k`` (the anchor). Returns it unstepped, with its logged values."""
+        cfg, world, d = self.config, self.trainer.world, self.trainer.world.device
+        n, b = batch["noise"].shape[0], self.trainer.config.train.batch_size
+        k = choices[int(torch.randint(len(choices), (), generator=generator))]
+        renoise_eps = world.local(torch.randn((b, *batch["noise"].shape[1:]), generator=generator)).to(d)
+        renoise_u = world.local(torch.rand(b, generator=generator)).to(d)
+        gs = obj.generator_step(student_v, batch["noise"], sigmas, k, cfg.score_sample, renoise_eps, renoise_u,
+                                tuple(cfg.renoise_range))
+        x0_real = obj.score_x0(self.real_score(batch), gs.x_score, gs.sigma_score)
+        x0_fake = obj.score_x0(self.fake_score(batch), gs.x_score, gs.sigma_score)
+        g = obj.dmd_gradient(gs.x0_hat, x0_real, x0_fake, cfg.normaliser, cfg.g_clip)
+        loss = obj.dmd_generator_loss(gs.x0_hat, g)
+        values = {"dmd": loss.item(), "g_abs": float(g.abs().mean()), "k": float(k)}
+        if cfg.trajectory_weight > 0:
+            rows = torch.arange(n, device=d)
+            kk = torch.full((n,), k, device=d)
+            anchor = obj.trajectory_loss(student_v, batch["trajectory"][rows, kk], batch["trajectory"][rows, kk + 1],
+                                         sigmas[k], sigmas[k + 1])
+            loss = loss + cfg.trajectory_weight * anchor
+            values["trajectory"] = anchor.item()
+        values["loss"] = loss.item()
+        return loss, values
+
+    def step(self, student_model, generator: torch.Generator, step: int,
+             ks: list[int] | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
+        """One DMD iteration on a batch drawn with ``generator``: fake-score updates, then (after warm-up) the
+        generator loss on the student steps ``ks`` (default: all), returned unstepped (None during warm-up)."""
+        trainer, d = self.trainer, self.trainer.world.device
+        sigmas = trainer.sigmas.to(d)
+        batch = trainer.batch(generator)
+        student_v = velocity_fn(student_model, batch["context"], batch["pooled"], self.autocast)
+        choices = ks if ks is not None else list(range(trainer.config.student.steps))
+        values = {"fake": self.update_fake_score(student_v, batch, sigmas, choices, generator)}
+        if step < self.config.fake_warmup_steps:
+            return values, None
+        loss, generator_values = self.generator_loss(student_v, batch, sigmas, choices, generator)
+        values.update(generator_values)
+        return values, loss
+
+
+def prepare(trainer: Driver) -> StagePlan:
+    """Stage B: the student (:meth:`~..trainer.Trainer.initial_student`) and a fake score fresh from the
+    teacher, each with its optimizer and its learning-rate warm-up (the student's counted after the fake
+    score's warm-up)."""
+    cfg = trainer.config.dmd
+    student, fake = trainer.initial_student("dmd"), new_fake_score(trainer)
+    student_model = trainer.wrap(student)
+    scores = DMDScores(trainer, fake)
+    student_opt = make_optimizer(student.parameters(), cfg.optim)
+
+    def train_step(step: int, generator: torch.Generator) -> dict[str, float]:
+        set_lr(scores.fake_optimizer, cfg.fake_optim, step)
+        values, loss = scores.step(student_model, generator, step)
+        if loss is not None:
+            values["lr"] = set_lr(student_opt, cfg.optim, step - cfg.fake_warmup_steps)
+            values["grad_norm"] = optimizer_step(student_model, student_opt, loss, cfg.optim)
+        return values
+
+    return StagePlan(cfg.iterations, {"student": student, "fake": fake},
+                     {"student": student_opt, "fake": scores.fake_optimizer}, train_step,
+                     {"student": student, "fake": fake}, lambda: trainer.save_output("dmd", student, cfg.iterations),
+                     preview_model=student)
