@@ -14,83 +14,10 @@ each module imports only those before it:
 - :mod:`.backends`: how the layers run on this machine (``dequant``, ``int8mm``, ``quanto``; ``auto`` times them).
 """
 
-from .backends import (
-    BACKENDS,
-    QUANTO_TYPES,
-    BackendChoice,
-    available_backends,
-    choose_backend,
-    quanto_available,
-    set_backend,
-)
-from .formats import (
-    BITS,
-    DEFAULT_GROUP_SIZE,
-    FORMATS,
-    FP8_DTYPE,
-    FP8_MARKER,
-    FP8_MAX,
-    GROUPED,
-    MIN_SCALE,
-    QMAX,
-    SCALE_DTYPE,
-    SCALE_KEY,
-    STORED_DTYPE,
-    QuantError,
-    QuantizedWeight,
-    can_quantize,
-    check_format,
-    dequantize,
-    dequantize_tensors,
-    layer_group,
-    logical_in_features,
-    pack_int4,
-    pack_int6,
-    quantize_weight,
-    quantized_nbytes,
-    relative_rms_error,
-    sd_nbytes,
-    unpack_int4,
-    unpack_int6,
-)
-from .layer import QuantizedLinear, linear_layers, quantized_layers, set_submodule
-from .scheme import (
-    DEFAULT_EXCLUDE,
-    MAX_GROUP_SIZE,
-    MAX_LAYERS,
-    MAX_POS_EMBED_SIDE,
-    MAX_SCHEME_CHARS,
-    METADATA_KEY,
-    POS_EMBED_DTYPES,
-    QuantScheme,
-    cast_unpacked,
-    check_stored_scheme,
-    elide_pos_embed,
-    install_packed,
-    logical_shapes,
-    parse_schemes,
-    quantize_module,
-    quantize_state_dict,
-    read_schemes,
-    restore_pos_embed,
-    stored_layers,
-    write_schemes,
-)
+from . import backends, formats, layer, scheme
+from .backends import *  # noqa: F403 (each module's __all__)
+from .formats import *  # noqa: F403 (each module's __all__)
+from .layer import *  # noqa: F403 (each module's __all__)
+from .scheme import *  # noqa: F403 (each module's __all__)
 
-__all__ = [
-    # formats
-    "BITS", "DEFAULT_GROUP_SIZE", "FORMATS", "FP8_DTYPE", "FP8_MARKER", "FP8_MAX", "GROUPED", "MIN_SCALE", "QMAX",
-    "SCALE_DTYPE", "SCALE_KEY", "STORED_DTYPE", "QuantError", "QuantizedWeight", "can_quantize", "check_format",
-    "dequantize", "dequantize_tensors", "layer_group", "logical_in_features", "pack_int4", "pack_int6",
-    "quantize_weight", "quantized_nbytes", "relative_rms_error", "sd_nbytes", "unpack_int4", "unpack_int6",
-    # layer
-    "QuantizedLinear", "linear_layers", "quantized_layers", "set_submodule",
-    # scheme
-    "DEFAULT_EXCLUDE", "MAX_GROUP_SIZE", "MAX_LAYERS", "MAX_POS_EMBED_SIDE", "MAX_SCHEME_CHARS", "METADATA_KEY",
-    "POS_EMBED_DTYPES", "QuantScheme", "cast_unpacked", "check_stored_scheme", "elide_pos_embed", "install_packed",
-    "logical_shapes", "parse_schemes", "quantize_module", "quantize_state_dict", "read_schemes",
-    "restore_pos_embed", "stored_layers", "write_schemes",
-    # backends
-    "BACKENDS", "QUANTO_TYPES", "BackendChoice", "available_backends", "choose_backend", "quanto_available",
-    "set_backend",
-]
+__all__ = [*backends.__all__, *formats.__all__, *layer.__all__, *scheme.__all__]

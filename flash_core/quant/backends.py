@@ -140,3 +140,13 @@ def _to_quanto(layer: QuantizedLinear, dtype: torch.dtype | None) -> nn.Module:
     qlayer = quanto.QLinear.from_module(dense, weights=weights)
     quanto.freeze(qlayer)
     return qlayer
+
+__all__ = [
+    "BACKENDS",
+    "QUANTO_TYPES",
+    "BackendChoice",
+    "available_backends",
+    "choose_backend",
+    "quanto_available",
+    "set_backend",
+]

@@ -186,3 +186,34 @@ def relative_rms_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """``||approx - reference|| / ||reference||`` in fp64: the velocity error the benchmark reports."""
     ref = reference.detach().double()
     return float((approx.detach().double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+__all__ = [
+    "BITS",
+    "DEFAULT_GROUP_SIZE",
+    "FORMATS",
+    "FP8_DTYPE",
+    "FP8_MARKER",
+    "FP8_MAX",
+    "GROUPED",
+    "MIN_SCALE",
+    "QMAX",
+    "SCALE_DTYPE",
+    "SCALE_KEY",
+    "STORED_DTYPE",
+    "QuantError",
+    "QuantizedWeight",
+    "can_quantize",
+    "check_format",
+    "dequantize",
+    "dequantize_tensors",
+    "layer_group",
+    "logical_in_features",
+    "pack_int4",
+    "pack_int6",
+    "quantize_weight",
+    "quantized_nbytes",
+    "relative_rms_error",
+    "sd_nbytes",
+    "unpack_int4",
+    "unpack_int6",
+]

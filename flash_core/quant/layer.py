@@ -82,3 +82,10 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` in place of the submodule ``name`` (a dotted path) of ``root``."""
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
+
+__all__ = [
+    "QuantizedLinear",
+    "linear_layers",
+    "quantized_layers",
+    "set_submodule",
+]

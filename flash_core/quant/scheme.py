@@ -363,3 +363,26 @@ def cast_unpacked(sd: Mapping[str, torch.Tensor], layers: Iterable[str], fmt: st
     keep = {f"{layer}.{s}" for layer in layers for s in ("weight", SCALE_KEY[fmt])} | {FP8_MARKER}
     return {k: v.to(device) if k in keep or dtype is None or not v.is_floating_point() else v.to(device, dtype)
             for k, v in sd.items()}
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "MAX_GROUP_SIZE",
+    "MAX_LAYERS",
+    "MAX_POS_EMBED_SIDE",
+    "MAX_SCHEME_CHARS",
+    "METADATA_KEY",
+    "POS_EMBED_DTYPES",
+    "QuantScheme",
+    "cast_unpacked",
+    "check_stored_scheme",
+    "elide_pos_embed",
+    "install_packed",
+    "logical_shapes",
+    "parse_schemes",
+    "quantize_module",
+    "quantize_state_dict",
+    "read_schemes",
+    "restore_pos_embed",
+    "stored_layers",
+    "write_schemes",
+]

@@ -463,3 +463,23 @@ class TripleTextEncoder(nn.Module):
 
     def forward(self, prompts: list[str] | str, use_t5: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(prompts, use_t5)
+
+__all__ = [
+    "CLIP_ACTIVATIONS",
+    "CLIP_G_POOLED",
+    "CLIP_HEAD_DIM",
+    "CLIP_L_WIDTH",
+    "CONTEXT_DIM",
+    "POOLED_DIM",
+    "RELEASED_WIDTHS",
+    "SLOT_NAMES",
+    "TripleTextEncoder",
+    "assemble_conditioning",
+    "build_clip",
+    "build_t5",
+    "encode_clip",
+    "encode_t5",
+    "first_eos_position",
+    "infer_clip_config",
+    "infer_t5_config",
+]

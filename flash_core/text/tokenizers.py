@@ -297,3 +297,25 @@ def tokenize_t5(tokenizer, prompts: list[str], max_length: int = T5_DEFAULT_LENG
         row = [*ids[: max_length - 1], eos]
         rows.append(row + [pad] * (max_length - len(row)))
     return torch.tensor(rows, dtype=torch.long)
+
+__all__ = [
+    "CLIP_G_PAD_ID",
+    "CLIP_LENGTH",
+    "ENV_TOKENIZERS",
+    "GENERIC_TOKENIZER_CLASSES",
+    "T5_DEFAULT_LENGTH",
+    "T5_SUBFOLDERS",
+    "UNKNOWN_SHOWN",
+    "TokenizerDirs",
+    "Tokenizers",
+    "config_length",
+    "declared_length",
+    "find_tokenizer_dirs",
+    "load_tokenizers",
+    "reads_as_is",
+    "tokenize_clip",
+    "tokenize_t5",
+    "tokenizers_beside",
+    "unknown_words",
+    "warn_unknown_words",
+]
