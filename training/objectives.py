@@ -71,6 +71,39 @@ def rollout(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, step
     return x
 
 
+class StudentTrajectory:
+    """The student's own trajectory from one batch of ``noise`` (no grad), computed step by step as far as it is
+    asked for and kept: the fake-score updates and the generator step of one DMD iteration read the same
+    points instead of each rolling the student out again (its weights do not change in between). The numbers
+    are :func:`rollout`'s, computed once."""
+
+    def __init__(self, student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor):
+        self.student, self.sigmas = student, sigmas
+        self.points = [noise * sigmas[0]]
+        self.velocities: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def velocity(self, k: int) -> torch.Tensor:
+        """The student's velocity at its ``k``-th point."""
+        while len(self.velocities) <= k:
+            i = len(self.velocities)
+            x = self.points[i]
+            v = self.student(x, self.sigmas[i].expand(x.shape[0]))
+            self.velocities.append(v)
+            self.points.append(euler_step(x, v, self.sigmas[i], self.sigmas[i + 1]))
+        return self.velocities[k]
+
+    def point(self, k: int) -> torch.Tensor:
+        """``x_k``: the point the student's step ``k`` starts from (``noise * sigmas[0]`` for ``k = 0``)."""
+        if k > 0:
+            self.velocity(k - 1)
+        return self.points[k]
+
+    def x0(self, k: int) -> torch.Tensor:
+        """The student's x0 estimate at step ``k`` (no grad): what the fake score is fit to."""
+        return x0_from_velocity(self.point(k), self.velocity(k), self.sigmas[k])
+
+
 @dataclass
 class GeneratorStep:
     """One student step with gradient (docs/algorithm.md "Stage B"): its input ``x_k`` at ``sigma_k``, the predicted
@@ -90,7 +123,8 @@ def renoise_sigma(u: torch.Tensor, low: float = 0.02, high: float = 0.98, shift:
 
 def generator_step(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, k: int, score_sample: str,
                    renoise_eps: torch.Tensor, renoise_u: torch.Tensor,
-                   renoise_range: tuple[float, float] = (0.02, 0.98), shift: float = SD35_SHIFT) -> GeneratorStep:
+                   renoise_range: tuple[float, float] = (0.02, 0.98), shift: float = SD35_SHIFT,
+                   x_k: torch.Tensor | None = None) -> GeneratorStep:
     """Roll the student to step ``k`` without grad, take step ``k`` with grad, and choose the score sample.
 
     ``score_sample`` (docs/algorithm.md "Stage B"):
@@ -101,12 +135,13 @@ def generator_step(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tenso
     * ``renoise``: ``x0_hat`` re-noised with fresh noise at a random shifted sigma (DMD2 / SwD baseline).
 
     The randomness comes in as arguments (``renoise_eps`` like ``noise``, ``renoise_u`` uniforms ``[B]``) so that
-    callers draw it for a global batch and every rank, and a resumed run, sees the same numbers.
+    callers draw it for a global batch and every rank, and a resumed run, sees the same numbers. ``x_k``: the
+    start of step ``k`` when the caller has rolled the student out already (:class:`StudentTrajectory`).
     """
     if score_sample not in SCORE_SAMPLES:
         raise ValueError(f"score_sample must be one of {', '.join(SCORE_SAMPLES)}, got '{score_sample}'")
     batch = noise.shape[0]
-    x_k = rollout(student, noise, sigmas, k)
+    x_k = rollout(student, noise, sigmas, k) if x_k is None else x_k
     sigma_k = sigmas[k].expand(batch)
     v_k = student(x_k, sigma_k)
     x0_hat = x0_from_velocity(x_k, v_k, sigma_k)

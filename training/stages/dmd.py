@@ -19,7 +19,7 @@ import torch
 from ...flash_core.schedule import SD35_SHIFT, shift_sigma
 from .. import objectives as obj
 from . import Driver, StagePlan
-from .networks import make_optimizer, optimizer_step, set_lr, velocity_fn
+from .networks import make_optimizer, norm_value, optimizer_step, set_lr, velocity_fn
 
 
 def new_fake_score(trainer: Driver) -> torch.nn.Module:
@@ -53,28 +53,26 @@ class DMDScores:
         """The fake score's velocity on ``batch``'s conditioning (no CFG)."""
         return velocity_fn(self.fake_model, batch["context"], batch["pooled"], self.autocast)
 
-    def update_fake_score(self, student_v, batch: dict, sigmas: torch.Tensor, choices: list[int],
+    def update_fake_score(self, trajectory: obj.StudentTrajectory, batch: dict, choices: list[int],
                           generator: torch.Generator) -> float:
         """``dmd.fake_updates_per_step`` flow-matching updates of the fake score, each on the student's x0 from a
-        random student step among ``choices`` at a fresh shifted sigma; their mean loss."""
+        random student step among ``choices`` (read from ``trajectory``) at a fresh shifted sigma; their mean
+        loss."""
         world, b, d = self.trainer.world, self.trainer.config.train.batch_size, self.trainer.world.device
-        n = batch["noise"].shape[0]
         fake_v = self.fake_score(batch)
         fake_losses = []
         for _ in range(self.config.fake_updates_per_step):
             k = choices[int(torch.randint(len(choices), (), generator=generator))]
-            with torch.no_grad():
-                x_k = obj.rollout(student_v, batch["noise"], sigmas, k)
-                x0 = obj.x0_from_velocity(x_k, student_v(x_k, sigmas[k].expand(n)), sigmas[k])
+            x0 = trajectory.x0(k)
             eps = world.local(torch.randn((b, *x0.shape[1:]), generator=generator)).to(d)
             t = world.local(torch.rand(b, generator=generator))
             sigma = shift_sigma(t, SD35_SHIFT).to(d)
             fake_loss = obj.flow_matching_loss(fake_v, x0, eps, sigma)
             optimizer_step(self.fake_model, self.fake_optimizer, fake_loss, self.config.fake_optim)
-            fake_losses.append(fake_loss.item())
-        return sum(fake_losses) / len(fake_losses)
+            fake_losses.append(fake_loss.detach())
+        return torch.stack(fake_losses).double().mean().item()  # one host sync per iteration, not per update
 
-    def generator_loss(self, student_v, batch: dict, sigmas: torch.Tensor, choices: list[int],
+    def generator_loss(self, student_v, trajectory: obj.StudentTrajectory, batch: dict, choices: list[int],
                        generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """The student's loss at a random student step ``k`` among ``choices``: DMD's (the x0 estimate pushed
         along real minus fake score, read as ``dmd.score_sample`` says), plus ``dmd.trajectory_weight`` times
@@ -84,8 +82,9 @@ class DMDScores:
         k = choices[int(torch.randint(len(choices), (), generator=generator))]
         renoise_eps = world.local(torch.randn((b, *batch["noise"].shape[1:]), generator=generator)).to(d)
         renoise_u = world.local(torch.rand(b, generator=generator)).to(d)
+        sigmas = trajectory.sigmas
         gs = obj.generator_step(student_v, batch["noise"], sigmas, k, cfg.score_sample, renoise_eps, renoise_u,
-                                tuple(cfg.renoise_range))
+                                tuple(cfg.renoise_range), x_k=trajectory.point(k))
         x0_real = obj.score_x0(self.real_score(batch), gs.x_score, gs.sigma_score)
         x0_fake = obj.score_x0(self.fake_score(batch), gs.x_score, gs.sigma_score)
         g = obj.dmd_gradient(gs.x0_hat, x0_real, x0_fake, cfg.normaliser, cfg.g_clip)
@@ -110,10 +109,11 @@ class DMDScores:
         batch = trainer.batch(generator)
         student_v = velocity_fn(student_model, batch["context"], batch["pooled"], self.autocast)
         choices = ks if ks is not None else list(range(trainer.config.student.steps))
-        values = {"fake": self.update_fake_score(student_v, batch, sigmas, choices, generator)}
+        trajectory = obj.StudentTrajectory(student_v, batch["noise"], sigmas)  # shared by both halves
+        values = {"fake": self.update_fake_score(trajectory, batch, choices, generator)}
         if step < self.config.fake_warmup_steps:
             return values, None
-        loss, generator_values = self.generator_loss(student_v, batch, sigmas, choices, generator)
+        loss, generator_values = self.generator_loss(student_v, trajectory, batch, choices, generator)
         values.update(generator_values)
         return values, loss
 
@@ -133,7 +133,7 @@ def prepare(trainer: Driver) -> StagePlan:
         values, loss = scores.step(student_model, generator, step)
         if loss is not None:
             values["lr"] = set_lr(student_opt, cfg.optim, step - cfg.fake_warmup_steps)
-            values["grad_norm"] = optimizer_step(student_model, student_opt, loss, cfg.optim)
+            values["grad_norm"] = norm_value(optimizer_step(student_model, student_opt, loss, cfg.optim))
         return values
 
     return StagePlan(cfg.iterations, {"student": student, "fake": fake},

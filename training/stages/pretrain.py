@@ -8,7 +8,7 @@ import torch
 
 from .. import objectives as obj
 from . import Driver, StagePlan
-from .networks import make_optimizer, optimizer_step, set_lr, velocity_fn
+from .networks import make_optimizer, norm_value, optimizer_step, set_lr, velocity_fn
 
 
 def trajectory_step(trainer: Driver, model, generator: torch.Generator,
@@ -38,7 +38,7 @@ def prepare(trainer: Driver) -> StagePlan:
     def train_step(step: int, generator: torch.Generator) -> dict[str, float]:
         values, loss = trajectory_step(trainer, model, generator, every_step)
         values["lr"] = set_lr(optimizer, cfg.optim, step)
-        values["grad_norm"] = optimizer_step(model, optimizer, loss, cfg.optim)
+        values["grad_norm"] = norm_value(optimizer_step(model, optimizer, loss, cfg.optim))
         return values
 
     return StagePlan(cfg.iterations, {"student": student}, {"student": optimizer}, train_step, {"student": student},

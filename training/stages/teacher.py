@@ -20,7 +20,14 @@ from ..config import Config, ConfigError, teacher_architecture
 from ..distributed import World
 from ..teacher import LatentPool, ema_decay_at, load_dataset, logit_normal_sigmas
 from . import Driver, StagePlan
-from .networks import enable_gradient_checkpointing, make_optimizer, optimizer_step, set_lr, velocity_fn
+from .networks import (
+    enable_gradient_checkpointing,
+    make_optimizer,
+    norm_value,
+    optimizer_step,
+    set_lr,
+    velocity_fn,
+)
 from .previews import sample_grid
 
 
@@ -111,7 +118,7 @@ def prepare(trainer: Driver) -> StagePlan:
     def train_step(step: int, generator: torch.Generator) -> dict[str, float]:
         loss = flow_matching_step(config, trainer.world, model, pool, generator)
         values = {"loss": loss.item(), "lr": set_lr(optimizer, cfg.optim, step)}
-        values["grad_norm"] = optimizer_step(model, optimizer, loss, cfg.optim)
+        values["grad_norm"] = norm_value(optimizer_step(model, optimizer, loss, cfg.optim))
         obj.ema_update(ema, dict(teacher.state_dict()), ema_decay_at(step, cfg.ema_decay))
         return values
 
