@@ -9,6 +9,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from .checkpoint import (
     CheckpointFiles,
     FlashMetadata,
@@ -281,6 +283,21 @@ def quantization_lines(files: CheckpointFiles, backends: bool = False) -> list[s
     return lines
 
 
+COMPUTE_ROWS = 1024  # the image tokens of a 512 px SD3 image: the rows ``info`` times a half GEMM on
+
+
+def compute_lines(files: CheckpointFiles) -> list[str]:
+    """On the CPU, how the MM-DiT's bf16 and fp16 Linear layers would run here (measured now:
+    flash_core/compute.py), at its hidden width on :data:`COMPUTE_ROWS` rows."""
+    if not files.has("mmdit") or resolve_device("auto").type != "cpu":
+        return []
+    from .compute import half_matmul_choice
+
+    width = logical_component_shapes(files, "mmdit")["x_embedder.proj.weight"].shape[0]
+    return [f"  compute here (cpu): {half_matmul_choice(dtype, width, COMPUTE_ROWS).describe()}"
+            for dtype in (torch.bfloat16, torch.float16)]
+
+
 def describe_checkpoint(path: str | os.PathLike, backends: bool = False) -> str:
     """The report ``sd35-flash info`` prints (``backends``: also which quantization backend runs here)."""
     files, infos, metadata = inspect_checkpoint(path)
@@ -300,6 +317,8 @@ def describe_checkpoint(path: str | os.PathLike, backends: bool = False) -> str:
         lines.append(f"  PROBLEM: {problems} component{'s' if problems > 1 else ''} do{'' if problems > 1 else 'es'} "
                      "not fit the architecture inferred from the weights: generate refuses this file")
     lines.extend(quantization_lines(files, backends))
+    if backends:
+        lines.extend(compute_lines(files))
     absent = [COMPONENT_NAMES[c] for c in COMPONENT_NAMES if not files.has(c)]
     if absent:
         lines.append(f"  not in this checkpoint: {', '.join(absent)}")

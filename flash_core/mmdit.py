@@ -25,9 +25,9 @@ Speed notes (the matmuls are the same as in any implementation; the work is arou
   uses the image queries only (the context keys and values still enter).
 - Patchify is a reshape + Linear (no strided conv followed by a transpose copy); the positional table is
   added through a strided view of its centre crop (no crop copy).
-- On CPUs without native bf16/fp16 matmul instructions (no AVX512-BF16 / AMX), half-precision Linear
-  layers compute in fp32 (inputs and weights upcast on the fly, result rounded back): the same math as a
-  half GEMM with fp32 accumulation, several times faster there. See :data:`CPU_HALF_MATMUL_IN_FP32`.
+- On the CPU, half-precision Linear layers compute in fp32 (inputs and weights upcast on the fly, result
+  rounded back: the same math as a half GEMM with fp32 accumulation) unless a native half GEMM measures
+  clearly faster on this machine (:mod:`.compute`). See :data:`CPU_HALF_MATMUL_IN_FP32`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compute import half_matmul_choice
 from .errors import CheckpointError
 
 HEAD_DIM = 64
@@ -50,8 +51,8 @@ POS_EMBED_BASE_SIZE = 64
 """The sin-cos table spans 64 patch units whatever its size (diffusers: ``sample_size 128 // patch 2``)."""
 
 CPU_HALF_MATMUL_IN_FP32: bool | None = None
-"""Compute bf16/fp16 Linear layers in fp32 on CPU: None = when the CPU lacks native half matmul, True /
-False = always / never. A module-level switch so benchmarks can compare both."""
+"""Compute bf16/fp16 Linear layers in fp32 on CPU: None = whichever measures faster here (:mod:`.compute`),
+True / False = always / never. A module-level switch so benchmarks and tests can pin either."""
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -186,18 +187,13 @@ def sincos_pos_embed_table(
 # ------------------------------------------------------------------------------------------ primitives
 
 
-def _cpu_lacks_native_half_matmul(dtype: torch.dtype) -> bool:
-    if dtype == torch.bfloat16:
-        return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return not torch.cpu._is_amx_fp16_supported()
-
-
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype :func:`linear` multiplies in: fp32 for half inputs on CPUs without native half matmul."""
+    """The dtype :func:`linear` multiplies in: for half inputs on the CPU, fp32 unless a native half GEMM of this
+    width measured clearly faster here (:func:`.compute.half_matmul_choice`)."""
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         upcast = CPU_HALF_MATMUL_IN_FP32
         if upcast is None:
-            upcast = _cpu_lacks_native_half_matmul(x.dtype)
+            upcast = half_matmul_choice(x.dtype, x.shape[-1], x.numel() // max(x.shape[-1], 1)).upcast
         if upcast:
             return torch.float32
     return x.dtype
