@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,24 +130,62 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
+def data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Where each tensor's bytes lie in a safetensors file: ``{key: (start, end)}`` from the file's start, read
+    from its header (which :func:`index_file` has had safetensors check: offsets in order, covering the data)."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {key: (base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+            for key, entry in header.items() if key != "__metadata__"}
+
+
+READ_CHUNK = 64 * 2**20  # bytes of the file mapped into this process at a time while a tensor is read
+
+
+def read_tensor(mapped: mmap.mmap, ref: TensorRef, span: tuple[int, int] | None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor (cast to ``dtype`` when given) copied out of the memory-mapped file into memory of its own, a
+    :data:`READ_CHUNK` at a time, each chunk's pages dropped from this process once copied: the file's pages
+    never pile up in the resident memory beside the tensors, and a cast writes the final tensor directly (the
+    stored copy never exists whole beside it)."""
+    out = torch.empty(ref.shape, dtype=dtype or ref.dtype)
+    count, item = out.numel(), ref.dtype.itemsize
+    if span is None or span[1] - span[0] != count * item or span[1] > len(mapped):
+        raise CheckpointError(f"cannot read key '{ref.key}' of '{ref.file}': its header entry does not match the "
+                              "file (changed or truncated since it was indexed)")
+    flat, step = out.reshape(-1), READ_CHUNK // item
+    for start in range(0, count, step):
+        n = min(step, count - start)
+        offset = span[0] + start * item
+        flat[start:start + n].copy_(torch.frombuffer(mapped, dtype=ref.dtype, count=n, offset=offset))
+        _drop_pages(mapped, offset, n * item)
+    return out
+
+
+def _drop_pages(mapped: mmap.mmap, offset: int, length: int) -> None:
+    """Unmap ``[offset, offset + length)`` of ``mapped`` from this process's resident memory (the page cache
+    keeps the file; the next read of those pages maps them again)."""
+    start = offset - offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+
+
 def iter_tensors(refs: Mapping[str, TensorRef], dtype: torch.dtype | None = None,
                  device: str | torch.device = "cpu", keep_dtype: Iterable[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` one at a time (floating ones cast to ``dtype`` when given, except the names in
-    ``keep_dtype``), one file open at a time."""
+    ``keep_dtype``), one file open at a time. Each is read into its own memory and cast at once, so a whole
+    component's stored copy never exists beside its cast one (docs/checkpoints.md "Loading")."""
     keep = set(keep_dtype)
     by_file: dict[Path, list[tuple[str, TensorRef]]] = {}
     for name, ref in refs.items():
         by_file.setdefault(ref.file, []).append((name, ref))
     for file, items in by_file.items():
-        with _open(file) as handle:
+        offsets = data_offsets(file)
+        with file.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
             for name, ref in items:
-                try:
-                    tensor = handle.get_tensor(ref.key)
-                except SafetensorError as err:
-                    raise CheckpointError(f"cannot read key '{ref.key}' of '{file}': {err}") from None
-                if dtype is not None and tensor.is_floating_point() and name not in keep:
-                    tensor = tensor.to(dtype)
-                yield name, tensor.to(device)
+                cast = dtype if dtype is not None and ref.dtype.is_floating_point and name not in keep else None
+                yield name, read_tensor(mapped, ref, offsets.get(ref.key), cast).to(device)
 
 
 def materialize(refs: Mapping[str, TensorRef], dtype: torch.dtype | None = None,

@@ -174,14 +174,14 @@ class FlashPipeline:
             return _load_quantizable(files, "mmdit", weights, dtype, device, quant_backend, report)
 
         def vae_model():
-            return load_vae(component_state_dict(files, "vae"), dtype=torch.float32, device=device,
+            return load_vae(component_state_dict(files, "vae", torch.float32), dtype=torch.float32, device=device,
                             what=f"'{files.sources['vae'][0]}' (VAE)")
 
         def text_encoder():
             t5_sd, t5_scheme = quantizable_state(files, "t5", t5_weights, dtype) if use_t5 else (None, None)
             encoder = TripleTextEncoder.from_state_dicts(
-                clip_l=component_state_dict(files, "clip_l") if files.has("clip_l") else None,
-                clip_g=component_state_dict(files, "clip_g") if files.has("clip_g") else None,
+                clip_l=component_state_dict(files, "clip_l", dtype) if files.has("clip_l") else None,
+                clip_g=component_state_dict(files, "clip_g", dtype) if files.has("clip_g") else None,
                 t5=t5_sd, tokenizers=toks, dtype=dtype, device=device, t5_quant=t5_scheme)
             if t5_scheme is not None:
                 _choose_backend(encoder.t5, t5_scheme, device, dtype, quant_backend, report, "t5")
