@@ -328,6 +328,10 @@ def main(argv=None) -> None:
             f"{statistics.median(ratios):.3f} | {low:.3f}-{high:.3f} | {mib(mem['ours'])} | {mib(mem['diffusers'])} | "
             f"{achieved / 1e9:.1f} | {mm / 1e9:.1f} |"
         )
+    from sd35_flash.flash_core.compute import measured_summary
+
+    for line in measured_summary() or ["compute: fp32 Linear layers (no half-precision path to choose)"]:
+        print(line)  # which path our half-precision Linear layers ran (flash_core/compute.py)
 
 
 if __name__ == "__main__":

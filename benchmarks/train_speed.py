@@ -44,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def stage_seconds(args: argparse.Namespace) -> tuple[dict[str, float], float]:
-    """Train every stage once in a fresh run folder; the median s/it per stage, and the teacher's size (M)."""
+def stage_seconds(args: argparse.Namespace, device: str = "cpu") -> tuple[dict[str, float], float]:
+    """Train every stage once in a fresh run folder on ``device``; the median s/it per stage, and the teacher's
+    size (M parameters)."""
     import torch
 
     sys.path.insert(0, str(HERE.parents[1] / "tests"))
@@ -70,7 +71,7 @@ def stage_seconds(args: argparse.Namespace) -> tuple[dict[str, float], float]:
     tokenizers = write_tokenizers(root / "tokenizer_files")  # CLIP BPE + T5 SentencePiece, made as the tests do
     it = args.iterations
     run = config_from_dict({
-        "model": {"teacher": str(root / "teacher.safetensors"), "tokenizers": str(tokenizers)},
+        "model": {"teacher": str(root / "teacher.safetensors"), "tokenizers": str(tokenizers), "device": device},
         "data": {"prompts": str(root / "prompts.txt"), "samples_per_prompt": 2, "teacher_steps": 8,
                  "width": args.size, "height": args.size},
         "train": {"out": str(root / "run"), "batch_size": args.batch, "log_every": 1, "checkpoint_every": 10**6},

@@ -310,10 +310,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       progress=not args.quiet)
     except NonFiniteImageError as err:
         raise FlashError(f"'{checkpoint}': {err}") from None
-    from .compute import measured_summary
+    import torch
 
-    for line in measured_summary():
-        print(line, file=sys.stderr)
+    if device.type == "cpu" and pipe.dtype in (torch.bfloat16, torch.float16):
+        from .compute import measured_summary
+
+        for line in measured_summary((pipe.dtype,)):
+            print(line, file=sys.stderr)
     prompt, workflow = comfyui_graph(args, checkpoint, downscale)
     for image, path in zip(images, paths, strict=True):
         save_png(enlarge(image, show_width(args)), path, {"prompt": prompt, "workflow": workflow})

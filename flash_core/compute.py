@@ -80,11 +80,11 @@ def _measure(dtype: torch.dtype, width: int, rows: int) -> HalfMatmulChoice:
     return HalfMatmulChoice(dtype, width, rows, statistics.median(times["native"]), statistics.median(times["upcast"]))
 
 
-def measured_summary() -> list[str]:
-    """One line per half dtype measured in this process so far: how many layer shapes ran natively and how many
-    in fp32 (what ``sd35-flash generate`` prints after a half-precision run on the CPU)."""
+def measured_summary(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)) -> list[str]:
+    """One line per half dtype of ``dtypes`` measured in this process so far: how many layer shapes ran natively
+    and how many in fp32 (what ``sd35-flash generate`` prints after a half-precision run on the CPU)."""
     lines = []
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in dtypes:
         choices = [c for (d, _, _), c in _CHOICES.items() if d == dtype]
         if choices:
             native = sum(not c.upcast for c in choices)

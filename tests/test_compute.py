@@ -54,3 +54,14 @@ def test_the_summary_counts_the_shapes_that_ran():
     assert compute.measured_summary() == [
         "compute: bf16 Linear layers ran natively at 1 of 2 measured shapes, in fp32 at the other 1 "
         "(flash_core/compute.py)"]
+
+
+def test_generate_reports_the_path_only_for_a_half_precision_run(tmp_path, capsys):
+    from sd35_flash.flash_core import cli
+
+    compute._CHOICES[(torch.bfloat16, 32, 16)] = compute.HalfMatmulChoice(torch.bfloat16, 32, 16, 1.0, 2.0)
+    argv = ["generate", "-p", "a red circle in the center", "-o", str(tmp_path / "a.png"), "-q"]
+    assert cli.main(argv) == 0
+    assert "compute:" not in capsys.readouterr().err  # fp32: an earlier run's measurements are not this one's
+    assert cli.main([*argv, "--dtype", "bf16"]) == 0
+    assert "compute: bf16 Linear layers ran natively at" in capsys.readouterr().err
