@@ -1,7 +1,7 @@
 """The logged numbers of short seeded runs of the DMD and split stages, pinned: a change made for speed (the
 student trajectory shared by the fake-score updates and the generator step, the optimizer's kernels) must leave
-every logged loss where it was, to 1e-6 (docs/algorithm.md "Stage B"). The pinned values (tests/data/training_numbers.json) were written by this
-file's ``__main__`` before those changes."""
+every logged loss where it was, to 1e-6 (docs/algorithm.md "Stage B"). The pinned values
+(tests/data/training_numbers.json) were written by this file's ``__main__`` before those changes."""
 
 from __future__ import annotations
 
