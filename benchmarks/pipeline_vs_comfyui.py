@@ -12,7 +12,7 @@ benchmarks/peak_memory.py makes. Contestants, each in a fresh process per repeat
 - ``comfy flash``: the pack's graph (Flash Checkpoint Loader -> CLIPTextEncode -> Flash Sampler -> VAEDecode).
 Cold is process start to the first PNG written; warm is the second prompt's encode, sampling, decode and PNG. All
 in fp32 on the CPU with ComfyUI's bundled CLIP tokenizer, T5 off (the file has none). Ratios are per repeat
-against ``comfy stock``: the median with the range.
+against ``comfy stock``: the median with the range. The last column is the largest ``VmHWM`` of the repeats.
 """
 
 from __future__ import annotations
@@ -103,9 +103,17 @@ def comfy_graph(args, flash: bool):
     return run
 
 
+def peak_rss() -> int:
+    """This process's resident-memory high-water mark (``VmHWM``), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(args) -> dict:
-    """One contestant in this (fresh) process: seconds from ``$BENCH_T0`` to the first PNG, and the second
-    prompt's seconds (None for the CLI)."""
+    """One contestant in this (fresh) process: seconds from ``$BENCH_T0`` to the first PNG, the second prompt's
+    seconds (None for the CLI), and the process's peak resident memory."""
     t0 = float(os.environ["BENCH_T0"])
     tokenizers = os.environ["COMFYUI_ROOT"]  # ComfyUI's bundled CLIP tokenizer, as its own graph uses
     first, second = args.out / "first.png", args.out / "second.png"
@@ -116,7 +124,7 @@ def child(args) -> dict:
                 "--width", str(args.size), "--height", str(args.size), "--steps", str(args.steps), "--seed", "0",
                 "--dtype", "fp32", "--no-t5", "--mode", "euler", "--quiet", "--show-at", "0"]
         assert cli.main(argv) == 0
-        return {"cold": time.time() - t0, "warm": None}
+        return {"cold": time.time() - t0, "warm": None, "peak": peak_rss()}
     if args.child == "pipeline":
         from sd35_flash.flash_core.pipeline import FlashPipeline
 
@@ -132,7 +140,7 @@ def child(args) -> dict:
     cold = time.time() - t0
     tic = time.perf_counter()
     run(PROMPTS[1], second)
-    return {"cold": cold, "warm": time.perf_counter() - tic}
+    return {"cold": cold, "warm": time.perf_counter() - tic, "peak": peak_rss()}
 
 
 def spawn(args, name: str) -> dict:
@@ -162,8 +170,8 @@ def main(argv=None) -> None:
     stock = runs["comfy stock"]
     print(f"{args.file.name}, {args.size} px, {args.steps} steps, fp32, CPU, T5 off; {args.repeats} repeats, "
           "a fresh process each")
-    print("| contestant | cold s | cold / ComfyUI cold (range) | warm s | warm / ComfyUI warm (range) |")
-    print("|---|---|---|---|---|")
+    print("| contestant | cold s | cold / ComfyUI cold (range) | warm s | warm / ComfyUI warm (range) | peak RSS GiB |")
+    print("|---|---|---|---|---|---|")
     for name in CONTESTANTS:
         cold = [r["cold"] for r in runs[name]]
         ratios = [r["cold"] / s["cold"] for r, s in zip(runs[name], stock, strict=True)]
@@ -174,6 +182,7 @@ def main(argv=None) -> None:
             warm = [r["warm"] for r in runs[name]]
             wr = [r["warm"] / s["warm"] for r, s in zip(runs[name], stock, strict=True)]
             row += [f"{statistics.median(warm):.2f}", f"{statistics.median(wr):.2f} ({min(wr):.2f}-{max(wr):.2f})"]
+        row.append(f"{max(r['peak'] for r in runs[name]) / 2**30:.2f}")
         print(f"| {name} | " + " | ".join(row) + " |")
 
 
