@@ -19,6 +19,7 @@ import math
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -111,8 +112,6 @@ def main() -> None:
     for name in args.dtypes.split(","):
         weights = sum(weight_bytes(files, c, DTYPES[name]) for c in ("mmdit", "clip_l", "clip_g", "vae"))
         out = Path(tempfile.mkdtemp(prefix="peak_memory_out_")) / "image.png"
-        import time
-
         tic = time.perf_counter()
         result = run(["generate", "--checkpoint", str(args.file), "--tokenizers", str(tokenizers), "--prompt",
                       "a red circle", "--no-t5", "--dtype", name, "--width", str(args.size), "--height",

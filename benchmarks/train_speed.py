@@ -91,7 +91,7 @@ def child_seconds(args: argparse.Namespace, checkout: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="train_speed_path_") as path:
         os.symlink(checkout.resolve(), Path(path) / "sd35_flash")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([path, os.environ.get("PYTHONPATH", "")])}
-        argv = [a for a in sys.argv[1:]]
+        argv = sys.argv[1:]
         if "--against" in argv:
             i = argv.index("--against")
             del argv[i:i + 2]
