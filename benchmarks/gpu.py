@@ -126,7 +126,8 @@ def pipeline_row(args, device: torch.device) -> tuple:
     config = (MMDiTConfig(depth=2, hidden_size=128, pos_embed_max_size=16, dual_attention_layers=(0,))
               if args.smoke else MMDiTConfig.sd35_medium())
     res = 64 if args.smoke else 1024
-    tokenizers = load_tokenizers(write_tokenizers(Path(tempfile.mkdtemp(prefix="gpu_bench_")) / "tokenizers"))
+    with tempfile.TemporaryDirectory(prefix="gpu_bench_") as folder:  # loaded into memory, then removed
+        tokenizers = load_tokenizers(write_tokenizers(Path(folder) / "tokenizers"))
     text = TripleTextEncoder(tiny_clip_l(), tiny_clip_g(), None, tokenizers=tokenizers).to(device, torch.bfloat16)
     vae = (tiny_vae() if args.smoke else SD3VAE(VAEConfig())).to(device)
     pipe = FlashPipeline(MMDiT(config, dtype=torch.bfloat16).to(device).eval(), vae, text, device=device)

@@ -104,22 +104,23 @@ def main() -> None:
     from tokenizer_factories import write_tokenizers
 
     files = index_checkpoint(args.file)
-    tokenizers = write_tokenizers(Path(tempfile.mkdtemp(prefix="peak_memory_")) / "tokenizers")
-    print(f"{args.file.name}: {args.file.stat().st_size / GIB:.2f} GiB on disk; generate {args.size} px, 4 steps, "
-          "T5 off, fresh process per row")
-    print("| dtype | weights | import | peak (VmHWM) | (peak - import) / weights | s |")
-    print("|---|---|---|---|---|---|")
-    for name in args.dtypes.split(","):
-        weights = sum(weight_bytes(files, c, DTYPES[name]) for c in ("mmdit", "clip_l", "clip_g", "vae"))
-        out = Path(tempfile.mkdtemp(prefix="peak_memory_out_")) / "image.png"
-        tic = time.perf_counter()
-        result = run(["generate", "--checkpoint", str(args.file), "--tokenizers", str(tokenizers), "--prompt",
-                      "a red circle", "--no-t5", "--dtype", name, "--width", str(args.size), "--height",
-                      str(args.size), "--out", str(out), "--quiet"])
-        seconds = time.perf_counter() - tic
-        ratio = (result["peak"] - result["import"]) / weights
-        print(f"| {name} | {weights / GIB:.2f} GiB | {result['import'] / GIB:.2f} GiB | "
-              f"{result['peak'] / GIB:.2f} GiB | {ratio:.2f}x | {seconds:.1f} |")
+    with tempfile.TemporaryDirectory(prefix="peak_memory_") as folder:
+        tmp = Path(folder)
+        tokenizers = write_tokenizers(tmp / "tokenizers")
+        print(f"{args.file.name}: {args.file.stat().st_size / GIB:.2f} GiB on disk; generate {args.size} px, "
+              "4 steps, T5 off, fresh process per row")
+        print("| dtype | weights | import | peak (VmHWM) | (peak - import) / weights | s |")
+        print("|---|---|---|---|---|---|")
+        for name in args.dtypes.split(","):
+            weights = sum(weight_bytes(files, c, DTYPES[name]) for c in ("mmdit", "clip_l", "clip_g", "vae"))
+            tic = time.perf_counter()
+            result = run(["generate", "--checkpoint", str(args.file), "--tokenizers", str(tokenizers),
+                          "--prompt", "a red circle", "--no-t5", "--dtype", name, "--width", str(args.size),
+                          "--height", str(args.size), "--out", str(tmp / "image.png"), "--quiet"])
+            seconds = time.perf_counter() - tic
+            ratio = (result["peak"] - result["import"]) / weights
+            print(f"| {name} | {weights / GIB:.2f} GiB | {result['import'] / GIB:.2f} GiB | "
+                  f"{result['peak'] / GIB:.2f} GiB | {ratio:.2f}x | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

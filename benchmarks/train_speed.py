@@ -61,29 +61,35 @@ def stage_seconds(args: argparse.Namespace, device: str = "cpu") -> tuple[dict[s
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    root = Path(tempfile.mkdtemp(prefix="train_speed_"))
-    config = MMDiTConfig(depth=args.depth, hidden_size=args.hidden, pos_embed_max_size=max(16, args.size // 16),
-                         dual_attention_layers=(0,), qk_norm=True)
-    mmdit = MMDiT(config)
-    save_checkpoint(root / "teacher.safetensors", mmdit=mmdit, vae=tiny_vae(), clip_l=text_state_dict(tiny_clip_l()),
-                    clip_g=text_state_dict(tiny_clip_g()), t5=text_state_dict(tiny_t5()))
-    (root / "prompts.txt").write_text("a red circle\na blue square\na green triangle\na grey star\n")
-    tokenizers = write_tokenizers(root / "tokenizer_files")  # CLIP BPE + T5 SentencePiece, made as the tests do
-    it = args.iterations
-    run = config_from_dict({
-        "model": {"teacher": str(root / "teacher.safetensors"), "tokenizers": str(tokenizers), "device": device},
-        "data": {"prompts": str(root / "prompts.txt"), "samples_per_prompt": 2, "teacher_steps": 8,
-                 "width": args.size, "height": args.size},
-        "train": {"out": str(root / "run"), "batch_size": args.batch, "log_every": 1, "checkpoint_every": 10**6},
-        "pretrain": {"iterations": it}, "dmd": {"iterations": it, "fake_updates_per_step": args.fake_updates},
-        "split": {"iterations": it},
-    })
-    run_stages(run, "all", progress=False)
-    medians = {}
-    for stage in STAGES:
-        with open(root / "run" / f"log_{stage}.csv") as f:
-            medians[stage] = statistics.median([float(row["sec_per_it"]) for row in csv.DictReader(f)][1:])
-    return medians, count_parameters(mmdit) / 1e6
+    with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:  # checkpoints and states: ~0.8 GB
+        root = Path(tmp)
+        config = MMDiTConfig(depth=args.depth, hidden_size=args.hidden,
+                             pos_embed_max_size=max(16, args.size // 16), dual_attention_layers=(0,), qk_norm=True)
+        mmdit = MMDiT(config)
+        save_checkpoint(root / "teacher.safetensors", mmdit=mmdit, vae=tiny_vae(),
+                        clip_l=text_state_dict(tiny_clip_l()), clip_g=text_state_dict(tiny_clip_g()),
+                        t5=text_state_dict(tiny_t5()))
+        (root / "prompts.txt").write_text("a red circle\na blue square\na green triangle\na grey star\n")
+        tokenizers = write_tokenizers(root / "tokenizer_files")  # CLIP BPE + T5 SentencePiece, as the tests
+        it = args.iterations
+        run = config_from_dict({
+            "model": {"teacher": str(root / "teacher.safetensors"), "tokenizers": str(tokenizers),
+                      "device": device},
+            "data": {"prompts": str(root / "prompts.txt"), "samples_per_prompt": 2, "teacher_steps": 8,
+                     "width": args.size, "height": args.size},
+            "train": {"out": str(root / "run"), "batch_size": args.batch, "log_every": 1,
+                      "checkpoint_every": 10**6},
+            "pretrain": {"iterations": it},
+            "dmd": {"iterations": it, "fake_updates_per_step": args.fake_updates},
+            "split": {"iterations": it},
+        })
+        run_stages(run, "all", progress=False)
+        medians = {}
+        for stage in STAGES:
+            with open(root / "run" / f"log_{stage}.csv") as f:
+                seconds = [float(row["sec_per_it"]) for row in csv.DictReader(f)]
+                medians[stage] = statistics.median(seconds[1:])
+        return medians, count_parameters(mmdit) / 1e6
 
 
 def child_seconds(args: argparse.Namespace, checkout: Path) -> dict[str, float]:

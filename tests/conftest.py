@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,26 @@ class RootAsPlainDirectory:
 def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.has_plugin("sd35-flash-root-as-directory"):
         config.pluginmanager.register(RootAsPlainDirectory(), "sd35-flash-root-as-directory")
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request) -> Iterator[Callable[[str], Path]]:
+    """``module_tmp(name)`` makes a folder for files a test module's tests share. The folders go when the module's
+    last test ends, unless a test failed. The training modules write hundreds of MB each (the tiny checkpoints
+    carry full-size CLIP/T5 vocabularies); kept until the session's end, as ``tmp_path_factory`` keeps them, the
+    suite held 5 GB at once and filled a shared disk in CI. Tests' own ``tmp_path`` folders go when the test
+    passes (``tmp_path_retention_policy`` in pyproject.toml)."""
+    root = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    failures = request.session.testsfailed
+
+    def mktemp(name: str) -> Path:
+        path = root / name
+        path.mkdir()
+        return path
+
+    yield mktemp
+    if request.session.testsfailed == failures:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ from factories import TINY_MMDIT, randomize_, tiny_mmdit, tiny_vae, write_tiny_c
 
 
 @pytest.fixture(scope="module")
-def single_file(tmp_path_factory):
+def single_file(module_tmp):
     meta = ckpt.FlashMetadata(student_sigmas=[1.0, 0.9, 0.75, 0.5], sampler_mode="euler",
                               training={"stage": "dmd", "iterations": 1200})
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "flash.safetensors", metadata=meta)
+    return write_tiny_checkpoint(module_tmp("ckpt") / "flash.safetensors", metadata=meta)
 
 
 def _inputs(config: MMDiTConfig, batch: int = 2, h: int = 8, w: int = 6):

@@ -16,9 +16,9 @@ from workflow_check import check_graph
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(module_tmp):
     meta = FlashMetadata(student_sigmas=[1.0, 0.9, 0.75, 0.5], sampler_mode="euler", quantization="fp32")
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "tiny.safetensors", metadata=meta)
+    return write_tiny_checkpoint(module_tmp("cli") / "tiny.safetensors", metadata=meta)
 
 
 def test_generate_writes_png_files(checkpoint, tokenizers_dir, tmp_path, capsys):

@@ -22,9 +22,9 @@ PROMPT = "a blue triangle at the top"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(module_tmp):
     """A demo-shaped checkpoint with its tokenizers/ folder beside it."""
-    return write_demo_like_checkpoint(tmp_path_factory.mktemp("demo"))
+    return write_demo_like_checkpoint(module_tmp("demo"))
 
 
 @pytest.fixture

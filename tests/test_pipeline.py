@@ -18,9 +18,9 @@ W, H = 64, 48  # 8x6 latent: non-square
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(module_tmp):
     meta = FlashMetadata(student_sigmas=[1.0, 0.8, 0.6, 0.4], sampler_mode="euler")
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("pipe") / "tiny.safetensors", metadata=meta)
+    return write_tiny_checkpoint(module_tmp("pipe") / "tiny.safetensors", metadata=meta)
 
 
 @pytest.fixture(scope="module")

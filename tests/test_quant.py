@@ -175,8 +175,8 @@ def test_backend_choice_is_measured_or_requested():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("quant") / "tiny.safetensors")
+def checkpoint(module_tmp):
+    return write_tiny_checkpoint(module_tmp("quant") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +187,8 @@ def inputs():
 
 
 @pytest.fixture(scope="module")
-def quantized_files(checkpoint, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("quantized")
+def quantized_files(checkpoint, module_tmp):
+    folder = module_tmp("quantized")
     out = {}
     for fmt in quant.FORMATS:
         out[fmt] = folder / f"tiny_{fmt}.safetensors"

@@ -57,9 +57,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
+def root(module_tmp) -> Path:
     """The toy tokenizer and a components checkpoint (the toy text encoders and an untrained toy VAE)."""
-    root = tmp_path_factory.mktemp("teacher")
+    root = module_tmp("teacher")
     tokenizer.save_tokenizers(root / "tokenizers")
     text = {slot: encoders.text_state_dict(m) for slot, m in encoders.make_text_encoders(0).items()}
     save_checkpoint(root / "components.safetensors", vae=encoders.make_vae(seed=0), **text)
@@ -80,9 +80,9 @@ def teacher_config(root: Path, out: Path, **teacher) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(root, tmp_path_factory) -> Path:
+def trained(root, module_tmp) -> Path:
     """One teacher run of 40 iterations at batch 16 (about ten seconds), through the CLI."""
-    out = tmp_path_factory.mktemp("teacher_run")
+    out = module_tmp("teacher_run")
     path = out / "config.toml"
     path.write_text(to_toml(config_from_dict(teacher_config(root, out, iterations=40, batch_size=16,
                                                             dataset_size=256, optim={"lr": 3e-3, "warmup_steps": 5}))))

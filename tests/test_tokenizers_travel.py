@@ -63,9 +63,9 @@ def no_env_tokenizers(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory) -> Path:
+def quantized(module_tmp) -> Path:
     """The demo model quantized to int8 into a folder of its own: no tokenizers/ folder beside it."""
-    path = tmp_path_factory.mktemp("quantized") / "demo_int8.safetensors"
+    path = module_tmp("quantized") / "demo_int8.safetensors"
     quantize_checkpoint(DEMO, path, fmt="int8", progress=False)
     return path
 

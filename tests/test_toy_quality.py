@@ -51,8 +51,8 @@ def fake_build(folder: Path, teacher_seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fake(tmp_path_factory):
-    return fake_build(tmp_path_factory.mktemp("fake_build"))
+def fake(module_tmp):
+    return fake_build(module_tmp("fake_build"))
 
 
 def test_generate_is_the_pipelines_own_sampling(fake):

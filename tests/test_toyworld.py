@@ -28,8 +28,8 @@ def one_thread():  # module scope: set before the module's other fixtures run
 
 
 @pytest.fixture(scope="module")
-def toy_tokenizer_dir(tmp_path_factory):
-    return tokenizer.save_tokenizers(tmp_path_factory.mktemp("toy_tokenizers"))
+def toy_tokenizer_dir(module_tmp):
+    return tokenizer.save_tokenizers(module_tmp("toy_tokenizers"))
 
 
 @pytest.fixture(scope="module")

@@ -50,9 +50,9 @@ def base_config(root: Path, **sections) -> dict:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
+def root(module_tmp) -> Path:
     """A tiny teacher, its tokenizers, prompts, and its teacher data (made through the CLI's data stage)."""
-    root = tmp_path_factory.mktemp("train")
+    root = module_tmp("train")
     write_tiny_checkpoint(root / "teacher.safetensors")
     write_tokenizers(root / TOKENIZER_FOLDER)
     (root / "prompts.txt").write_text("a red circle\na blue square\n\na green triangle\n")

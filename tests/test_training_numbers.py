@@ -69,8 +69,8 @@ PINNED_FILE = Path(__file__).parent / "data" / "training_numbers.json"  # printe
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    root = make_root(tmp_path_factory.mktemp("numbers"))
+def root(module_tmp) -> Path:
+    root = make_root(module_tmp("numbers"))
     run_stages(config(root, "data", {}), "data", progress=False)
     return root
 

@@ -328,9 +328,9 @@ def test_a_malformed_descriptive_value_is_ignored_with_a_warning_naming_the_key(
 
 
 @pytest.fixture(scope="module")
-def int4_demo(demo_parts, tmp_path_factory) -> tuple[Path, dict]:
+def int4_demo(demo_parts, module_tmp) -> tuple[Path, dict]:
     """The demo quantized to int4 (MM-DiT) and int8 (T5), and its scheme."""
-    path = tmp_path_factory.mktemp("int4") / "int4.safetensors"
+    path = module_tmp("int4") / "int4.safetensors"
     quantize_checkpoint(DEMO, path, fmt="int4", t5_fmt="int8", progress=False)
     return path, json.loads(read_metadata(path)[QUANT_KEY])
 

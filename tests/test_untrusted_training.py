@@ -58,9 +58,9 @@ def base_config(root: Path, tokenizers: Path, out: Path, **sections) -> dict:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, tokenizers_dir) -> Path:
+def root(module_tmp, tokenizers_dir) -> Path:
     """A tiny teacher, prompts and their teacher data (the data stage, run once)."""
-    root = tmp_path_factory.mktemp("untrusted_training")
+    root = module_tmp("untrusted_training")
     write_tiny_checkpoint(root / "teacher.safetensors")
     (root / "prompts.txt").write_text("a red circle\na blue square\na green triangle\n")
     run_stages(config_from_dict(base_config(root, tokenizers_dir, root / "data_run")), "data", progress=False)
