@@ -291,11 +291,26 @@ def compute_lines(files: CheckpointFiles) -> list[str]:
     flash_core/compute.py), at its hidden width on :data:`COMPUTE_ROWS` rows."""
     if not files.has("mmdit") or resolve_device("auto").type != "cpu":
         return []
-    from .compute import half_matmul_choice
+    from .compute import attention_choice, half_matmul_choice
 
     width = logical_component_shapes(files, "mmdit")["x_embedder.proj.weight"].shape[0]
-    return [f"  compute here (cpu): {half_matmul_choice(dtype, width, COMPUTE_ROWS).describe()}"
-            for dtype in (torch.bfloat16, torch.float16)]
+    lines = [f"  compute here (cpu): {half_matmul_choice(dtype, width, COMPUTE_ROWS).describe()}"
+             for dtype in (torch.bfloat16, torch.float16)]
+    lines += [f"  compute here (cpu): {attention_choice(dtype, COMPUTE_ROWS).describe()}"
+              for dtype in (torch.float32, torch.bfloat16)]
+    return lines + [f"  compute here (cpu): {run_dtype('auto', torch.device('cpu'), files)[1]}"]
+
+
+def run_dtype(dtype: str | torch.dtype, device: torch.device, files: CheckpointFiles) -> tuple[torch.dtype, str]:
+    """The weight dtype a run of ``files`` uses, and why when ``auto`` chose it by measurement: on the CPU,
+    :func:`.compute.auto_cpu_dtype` at the MM-DiT's width and fp32 size; elsewhere
+    :func:`.devices.resolve_dtype` (the reason is then empty)."""
+    if dtype != "auto" or device.type != "cpu" or not files.has("mmdit"):
+        return resolve_dtype(dtype, device), ""
+    from .compute import auto_cpu_dtype
+
+    width = logical_component_shapes(files, "mmdit")["x_embedder.proj.weight"].shape[0]
+    return auto_cpu_dtype(width, weight_bytes(files, "mmdit", torch.float32), COMPUTE_ROWS)
 
 
 def describe_checkpoint(path: str | os.PathLike, backends: bool = False) -> str:

@@ -51,7 +51,8 @@ def resolve_device(device: str | torch.device = "auto", what: str = "device") ->
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU that supports it (fp16 otherwise), fp32 on the CPU."""
+    """``auto``: bf16 on a GPU that supports it (fp16 otherwise), fp32 on the CPU. For a known model,
+    :func:`.checkpoint_info.run_dtype` resolves the CPU's ``auto`` by measurement instead."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":

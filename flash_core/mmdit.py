@@ -28,6 +28,9 @@ Speed notes (the matmuls are the same as in any implementation; the work is arou
 - On the CPU, half-precision Linear layers compute in fp32 (inputs and weights upcast on the fly, result
   rounded back: the same math as a half GEMM with fp32 accumulation) unless a native half GEMM measures
   clearly faster on this machine (:mod:`.compute`). See :data:`CPU_HALF_MATMUL_IN_FP32`.
+- On the CPU without autograd, attention runs through torch's SDPA kernel pick unless its math kernel, or (half
+  inputs) SDPA in fp32, measures clearly faster here (:func:`.compute.attention_choice`).
+  See :data:`CPU_ATTENTION_PATH`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compute import half_matmul_choice
+from .compute import attention_choice, half_matmul_choice, sdpa
 from .errors import CheckpointError
 
 HEAD_DIM = 64
@@ -53,6 +56,10 @@ POS_EMBED_BASE_SIZE = 64
 CPU_HALF_MATMUL_IN_FP32: bool | None = None
 """Compute bf16/fp16 Linear layers in fp32 on CPU: None = whichever measures faster here (:mod:`.compute`),
 True / False = always / never. A module-level switch so benchmarks and tests can pin either."""
+
+CPU_ATTENTION_PATH: str | None = None
+"""CPU inference attention: None = whichever measures fastest here (:func:`.compute.attention_choice`), or one of
+:data:`.compute.ATTENTION_PATHS` pinned ("upcast" applies to half inputs only)."""
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -233,13 +240,22 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_(x, approximate="tanh")
 
 
+def attention_path(q: torch.Tensor, k: torch.Tensor) -> str:
+    """The SDPA path for ``[B, N, heads, 64]`` q and k: measured on the CPU without autograd
+    (:data:`CPU_ATTENTION_PATH`), torch's own pick elsewhere (GPUs, and training, whose backward was not timed)."""
+    if q.device.type != "cpu" or torch.is_grad_enabled():
+        return "sdpa"
+    path = CPU_ATTENTION_PATH or attention_choice(q.dtype, max(q.shape[1], k.shape[1])).path
+    return "sdpa" if path == "upcast" and q.dtype == torch.float32 else path
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """SDPA over ``[B, N, heads, 64]`` tensors; returns ``[B, Nq, heads * 64]``.
 
     SDPA is given the transposed views; its CPU and CUDA kernels read strided inputs and return an output
     whose memory is ``[B, Nq, heads, 64]``, so the final reshape is free.
     """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_path(q, k))
     b, _, n, _ = out.shape
     return out.transpose(1, 2).reshape(b, n, -1)
 

@@ -25,8 +25,8 @@ from .checkpoint import (
     load_mmdit,
     load_vae,
 )
-from .checkpoint_info import largest_side, native_image_size
-from .devices import resolve_device, resolve_dtype
+from .checkpoint_info import largest_side, native_image_size, run_dtype
+from .devices import resolve_device
 from .errors import CheckpointError, FlashError
 from .quant import choose_backend, quantized_layers, set_backend
 from .quant_io import quantizable_state
@@ -153,11 +153,11 @@ class FlashPipeline:
         ``offload=True`` loads each part when its phase starts and releases it after.
         """
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
         files = index_checkpoint(checkpoint)
         for component, extra in (("vae", vae), ("clip_l", clip_l), ("clip_g", clip_g), ("t5", t5)):
             if extra is not None:
                 _take_component(files, index_checkpoint(extra, component), component, extra)
+        dtype = run_dtype(dtype, device, files)[0]
         if not files.has("mmdit"):
             raise CheckpointError(f"'{checkpoint}' holds no MM-DiT (diffusion model) weights")
         if not files.has("vae"):
