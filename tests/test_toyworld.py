@@ -137,6 +137,19 @@ def test_eval_prompts_cover_every_attribute_value_and_render():
     assert bool((real.labels["size"][asked["layout"] == 0] >= 0).all())  # an open size is drawn
 
 
+def test_distillation_prompts_hold_out_the_evaluation_combinations():
+    from sd35_flash.training.toyworld.build import distillation_prompts, scene_key
+
+    prompts = distillation_prompts(1024, 7)
+    assert len(prompts) == len(set(prompts)) == 1024
+    held_out = {scene_key(p) for p in world.EVAL_PROMPTS}
+    assert not held_out & {scene_key(p) for p in prompts}
+    # either phrasing of a relation, and a prompt without its size word, ask for the same combination
+    assert scene_key("a red circle left of a blue square") == scene_key("a blue square right of a red circle")
+    assert scene_key("a red circle at the top") == scene_key("a large red circle at the top")
+    assert scene_key("a red circle at the top") != scene_key("a red square at the top")
+
+
 def test_null_prompt_and_text_outside_the_grammar():
     assert world.NULL_PROMPT == ""
     assert set(world.parse_caption(world.NULL_PROMPT).values()) == {-1}

@@ -93,7 +93,7 @@ def test_resume_reruns_from_the_first_stage_a_changed_setting_feeds(tmp_path):
     lines = []
     for changes, first in (({"dmd": {**ci.dmd, "iterations": 9}}, "dmd"), ({"seeds": 2}, "variants"),
                            ({"eval_samples": 24}, "table"), ({"text_length": 16}, "tokenizer"),
-                           ({"workers": 1}, None)):
+                           ({"from_teacher": "ab12"}, "encoders"), ({"workers": 1}, None)):
         b = build.Build(tmp_path, replace(ci, **changes), resume=True)
         b.load_record(lines.append)
         kept = list(build.STAGES)[:list(build.STAGES).index(first)] if first else list(build.STAGES)
@@ -109,3 +109,41 @@ def test_a_bad_stage_name_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--until", "nowhere", "--out", str(tmp_path)])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def small_teacher(build_dir, path, **drop):
+    """A toy-world teacher file: a small MM-DiT with the build's VAE and text encoders (``drop``: parts left out)."""
+    from sd35_flash.flash_core.checkpoint import component_state_dict, save_checkpoint
+    from sd35_flash.flash_core.mmdit import MMDiT, MMDiTConfig
+
+    files = index_checkpoint(build_dir / "components.safetensors")
+    parts = {slot: component_state_dict(files, slot) for slot in ("vae", "clip_l", "clip_g", "t5") if slot not in drop}
+    config = MMDiTConfig(depth=1, hidden_size=64, pos_embed_max_size=8, qk_norm=True)
+    return save_checkpoint(path, mmdit=MMDiT(config), **parts)
+
+
+def test_a_build_takes_a_given_teacher_and_its_parts(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    build.build(tmp_path / "first", "ci", progress=False, until="vae", log=lambda _: None)
+    teacher = small_teacher(tmp_path / "first", tmp_path / "teacher.safetensors")
+    out = tmp_path / "second"
+    assert main(["--preset", "ci", "--out", str(out), "--until", "teacher", "--from-teacher", str(teacher),
+                 "--quiet", "--threads", "1"]) == 0
+    assert (out / "teacher" / "teacher.safetensors").read_bytes() == teacher.read_bytes()
+    given = load_file(str(teacher))
+    for name, tensor in load_file(str(out / "components.safetensors")).items():
+        assert name in given and given[name].equal(tensor), name
+    record = json.loads((out / "build.json").read_text())
+    assert record["preset"]["from_teacher"] and not (out / "vae_log.csv").exists()
+    assert record["stages"]["teacher"]["from_teacher"] == str(teacher)
+    assert (out / "evaluator.safetensors").exists()  # the instrument is still the build's own
+
+
+def test_a_teacher_without_its_parts_is_refused_in_one_line(tmp_path, capsys):
+    build.build(tmp_path / "first", "ci", progress=False, until="vae", log=lambda _: None)
+    teacher = small_teacher(tmp_path / "first", tmp_path / "no_t5.safetensors", t5=True)
+    assert main(["--preset", "ci", "--out", str(tmp_path / "b"), "--from-teacher", str(teacher), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--from-teacher '{teacher}': no t5 weights" in err
+    assert not (tmp_path / "b" / "build.json").exists()  # refused before any stage ran

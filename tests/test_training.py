@@ -336,3 +336,28 @@ def test_split_continues_with_dmds_fake_score_or_warms_a_fresh_one_up(root, tmp_
     assert all(torch.equal(start[k], high[k]) for k in start)  # warm-up only: the fake score trained, not them
     log = (tmp_path / "b" / "log_split.csv").read_text()
     assert "high_fake" in log.splitlines()[0] and "high_loss" not in log.splitlines()[0]
+
+
+def test_the_low_branch_is_rolled_out_through_the_high_branch(root, tmp_path, monkeypatch):
+    """The split's low branch learns from the points the high branch's steps reach, as inference (routed or
+    merged) runs them; the high branch rolls itself out (docs/algorithm.md "Stage C")."""
+    from sd35_flash.training.split import RoutedMMDiT
+    from sd35_flash.training.stages import dmd as dmd_stage
+
+    calls = []
+    step = dmd_stage.DMDScores.step
+
+    def spy(self, student_model, generator, at, ks=None, rollout_model=None):
+        calls.append((ks, rollout_model))
+        return step(self, student_model, generator, at, ks, rollout_model)
+
+    monkeypatch.setattr(dmd_stage.DMDScores, "step", spy)
+    sections = {"dmd": {"iterations": 1, "fake_warmup_steps": 0}, "split": {"iterations": 1, "boundary": 800.0}}
+    run = config_from_dict(base_config(root, train={"out": str(tmp_path / "a")}, **sections))
+    Trainer(run, World(), progress=False).run("dmd")
+    calls.clear()
+    Trainer(run, World(), progress=False).run("split")
+    (high_ks, high_rollout), (low_ks, low_rollout) = calls
+    assert high_ks == [0, 1] and high_rollout is None
+    assert low_ks == [2, 3] and isinstance(low_rollout, RoutedMMDiT) and low_rollout.boundary == 800.0
+    assert low_rollout.low is not low_rollout.high

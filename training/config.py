@@ -215,6 +215,9 @@ class OptimConfig:
     weight_decay: float = allowed(0.0, numbers=NON_NEGATIVE)
     grad_clip: float = allowed(1.0, numbers=CLIP_NORM)
     warmup_steps: int = allowed(0, numbers=AT_LEAST_0)
+    # after the warm-up: constant, or a cosine from lr down to min_lr at the stage's last iteration
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = allowed(0.0, numbers=NON_NEGATIVE)
 
 
 @dataclass

@@ -100,16 +100,20 @@ class DMDScores:
         values["loss"] = loss.item()
         return loss, values
 
-    def step(self, student_model, generator: torch.Generator, step: int,
-             ks: list[int] | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
+    def step(self, student_model, generator: torch.Generator, step: int, ks: list[int] | None = None,
+             rollout_model=None) -> tuple[dict[str, float], torch.Tensor | None]:
         """One DMD iteration on a batch drawn with ``generator``: fake-score updates, then (after warm-up) the
-        generator loss on the student steps ``ks`` (default: all), returned unstepped (None during warm-up)."""
+        generator loss on the student steps ``ks`` (default: all), returned unstepped (None during warm-up).
+        ``rollout_model`` (default: the student) makes the trajectory the steps before ``ks`` start from: the
+        split's low branch is rolled out through the high branch there, as inference runs them."""
         trainer, d = self.trainer, self.trainer.world.device
         sigmas = trainer.sigmas.to(d)
         batch = trainer.batch(generator)
         student_v = velocity_fn(student_model, batch["context"], batch["pooled"], self.autocast)
+        rollout_v = student_v if rollout_model is None else velocity_fn(rollout_model, batch["context"],
+                                                                        batch["pooled"], self.autocast)
         choices = ks if ks is not None else list(range(trainer.config.student.steps))
-        trajectory = obj.StudentTrajectory(student_v, batch["noise"], sigmas)  # shared by both halves
+        trajectory = obj.StudentTrajectory(rollout_v, batch["noise"], sigmas)  # shared by both halves
         values = {"fake": self.update_fake_score(trajectory, batch, choices, generator)}
         if step < self.config.fake_warmup_steps:
             return values, None
@@ -129,10 +133,11 @@ def prepare(trainer: Driver) -> StagePlan:
     student_opt = make_optimizer(student.parameters(), cfg.optim)
 
     def train_step(step: int, generator: torch.Generator) -> dict[str, float]:
-        set_lr(scores.fake_optimizer, cfg.fake_optim, step)
+        set_lr(scores.fake_optimizer, cfg.fake_optim, step, cfg.iterations)
         values, loss = scores.step(student_model, generator, step)
         if loss is not None:
-            values["lr"] = set_lr(student_opt, cfg.optim, step - cfg.fake_warmup_steps)
+            values["lr"] = set_lr(student_opt, cfg.optim, step - cfg.fake_warmup_steps,
+                                  cfg.iterations - cfg.fake_warmup_steps)
             values["grad_norm"] = norm_value(optimizer_step(student_model, student_opt, loss, cfg.optim))
         return values
 

@@ -46,9 +46,14 @@ def make_optimizer(params, config: OptimConfig) -> torch.optim.AdamW:
                              fused=True)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, config: OptimConfig, step: int) -> float:
-    """The learning rate of update ``step`` (linear warm-up over ``warmup_steps``), set on every group."""
+def set_lr(optimizer: torch.optim.Optimizer, config: OptimConfig, step: int, total: int | None = None) -> float:
+    """The learning rate of update ``step`` of ``total``, set on every group: a linear warm-up over
+    ``warmup_steps``, then ``lr`` (``schedule = "constant"``) or a cosine from ``lr`` to ``min_lr`` at update
+    ``total - 1`` (``"cosine"``; without ``total``, constant)."""
     lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+    if config.schedule == "cosine" and total is not None and step >= config.warmup_steps:
+        progress = min(1.0, (step - config.warmup_steps) / max(1, total - 1 - config.warmup_steps))
+        lr = config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr

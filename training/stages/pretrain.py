@@ -37,7 +37,7 @@ def prepare(trainer: Driver) -> StagePlan:
 
     def train_step(step: int, generator: torch.Generator) -> dict[str, float]:
         values, loss = trajectory_step(trainer, model, generator, every_step)
-        values["lr"] = set_lr(optimizer, cfg.optim, step)
+        values["lr"] = set_lr(optimizer, cfg.optim, step, cfg.iterations)
         values["grad_norm"] = norm_value(optimizer_step(model, optimizer, loss, cfg.optim))
         return values
 

@@ -63,18 +63,20 @@ def prepare(trainer: Driver) -> StagePlan:
     optim = trainer.config.dmd.optim if cfg.objective == "dmd" else trainer.config.pretrain.optim
     opts = {name: make_optimizer(b.parameters(), optim) for name, b in branches.items()}
     scores, warmup_done = dmd_scores(trainer) if cfg.objective == "dmd" else (None, 0)
+    # The low branch's steps start where the high branch's steps left them, as at inference (routed or merged).
+    rollout = {"high": None, "low": RoutedMMDiT(branches["high"], branches["low"], cfg.boundary)}
 
     def train_step(step: int, generator: torch.Generator) -> dict[str, float]:
         values = {}
         for name, ks in (("high", high_steps), ("low", low_steps)):
             if scores is not None:
-                vals, loss = scores.step(models[name], generator, step + warmup_done, ks)
+                vals, loss = scores.step(models[name], generator, step + warmup_done, ks, rollout[name])
             else:
                 vals, loss = trajectory_step(trainer, models[name], generator, ks)
             if loss is None:  # the fresh fake score's warm-up: no branch update yet
                 values.update({f"{name}_fake": vals["fake"]})
                 continue
-            set_lr(opts[name], optim, step)
+            set_lr(opts[name], optim, step, cfg.iterations)
             optimizer_step(models[name], opts[name], loss, optim)
             obj.ema_update(emas[name], dict(branches[name].state_dict()), cfg.ema_decay)
             values.update({f"{name}_{k}": v for k, v in vals.items() if k in ("loss", "fake", "g_abs")})

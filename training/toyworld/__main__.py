@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--install-demo", nargs="?", const=True, default=None, metavar="DIR",
                         help="then copy the demo model, its tokenizers, sample and model card into DIR (default: "
                              "this package's demo/ folder, what `sd35-flash generate` uses with no checkpoint)")
+    parser.add_argument("--from-teacher", metavar="PATH",
+                        help="take this teacher checkpoint (e.g. the shipped toyworld_teacher/teacher.safetensors) "
+                             "with its VAE and text encoders instead of training them")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     def work() -> int:
         build(args.out, args.preset, progress=not args.quiet, resume=args.resume, until=args.until,
-              seeds=args.seeds, install=args.install_demo)
+              seeds=args.seeds, install=args.install_demo, from_teacher=args.from_teacher)
         return 0
 
     threads = set_threads(args.threads)

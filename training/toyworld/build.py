@@ -24,6 +24,7 @@ interrupted training stages from their saved state.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import time
@@ -33,8 +34,10 @@ from pathlib import Path
 
 import torch
 
+from ...flash_core.atomic import atomic_write
 from ...flash_core.checkpoint import FlashMetadata, component_state_dict, index_checkpoint, save_checkpoint
 from ...flash_core.demo import DEMO_FILE_NAME, DEMO_FOLDER
+from ...flash_core.errors import CheckpointError
 from ...flash_core.tokenizer_files import written_tokenizer_metadata
 from ..config import SCORE_SAMPLES, config_from_dict, to_toml
 from ..distributed import World
@@ -44,9 +47,9 @@ from . import encoders, evaluator, tokenizer, world
 from .dataset import DATASETS
 
 DEMO_PROMPT = "a blue triangle at the top"
-# Stage C's boundary on 1000 * sigma: docs/algorithm.md's 500 splits the 4-step grid {1, .9, .75, .5} 3:1; the 2-step
-# grid {1, .75} lies wholly above it, so its branches split between its two steps.
-SPLIT_BOUNDARY = {4: 500.0, 2: 875.0}
+# Stage C's boundary on 1000 * sigma, halving each student grid: 4 steps {1, .9} / {.75, .5}; 2 steps {1} / {.75}.
+# (docs/algorithm.md's default 500 would split the 4-step grid 3:1, and lies below the whole 2-step grid.)
+SPLIT_BOUNDARY = {4: 825.0, 2: 875.0}
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -80,6 +83,9 @@ class Preset:
     seeds: int = 3
     workers: int = 2                   # processes (one torch thread each) training the variants side by side
     eval_samples: int = 480            # samples per row of the quality table (stage ``table``)
+    # SHA-256 of a given teacher checkpoint (``--from-teacher``; set by :func:`build`): its MM-DiT, VAE and text
+    # encoders replace the encoders, VAE and teacher stages' training. Empty: train them.
+    from_teacher: str = ""
 
 
 PRESETS = {
@@ -131,6 +137,7 @@ class Build:
     progress: bool = True
     resume: bool = False
     record: dict = field(default_factory=dict)
+    teacher_file: Path | None = None  # ``--from-teacher``: the checkpoint whose parts the build takes
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
@@ -171,12 +178,26 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+HELD_OUT_ATTRIBUTES = ("layout", "colour", "shape", "position", "colour_2", "shape_2")
+
+
+def scene_key(prompt: str) -> tuple[int, ...]:
+    """What a prompt asks for, size aside: two prompts with one key (either phrasing of a relation, with or
+    without a size word) ask for the same combination."""
+    labels = world.parse_caption(prompt)
+    return tuple(labels[name] for name in HELD_OUT_ATTRIBUTES)
+
+
 def distillation_prompts(count: int, seed: int) -> list[str]:
-    """``count`` distinct captions of the toy grammar, in the order a seeded draw of scenes first meets them."""
+    """``count`` distinct captions of the toy grammar, in the order a seeded draw of scenes first meets them,
+    none asking for a combination of an evaluation prompt (:func:`scene_key`): the students are measured on
+    combinations they were never distilled on (docs/toyworld.md "Metrics that discriminate")."""
+    held_out = {scene_key(prompt) for prompt in world.EVAL_PROMPTS}
     found: dict[str, None] = {}
     generator = torch.Generator().manual_seed(seed)
     for _ in range(100):
-        found.update(dict.fromkeys(world.sample(4 * count, generator).captions))
+        captions = world.sample(4 * count, generator).captions
+        found.update(dict.fromkeys(c for c in captions if scene_key(c) not in held_out))
         if len(found) >= count:
             break
     return list(found)[:count]
@@ -211,8 +232,35 @@ def stage_tokenizer(b: Build) -> dict:
             "files": ["tokenizers/clip", "tokenizers/t5xxl"]}
 
 
+TEACHER_PARTS = ("mmdit", "vae", "clip_l", "clip_g", "t5")
+
+
+def given_teacher(path: Path):
+    """The checkpoint of ``--from-teacher``, checked: an official file holding every part of a toy-world teacher
+    whose text encoders read this build's vocabulary. Raises CheckpointError naming the file and what is wrong."""
+    files = index_checkpoint(path)
+    missing = [part for part in TEACHER_PARTS if not files.has(part)]
+    if missing:
+        raise CheckpointError(f"--from-teacher '{path}': no {', '.join(missing)} weights; expected a toy-world "
+                              "teacher with its VAE and CLIP-L, CLIP-G and T5 encoders (teacher/teacher.safetensors "
+                              "of a build)")
+    for slot in ("clip_l", "clip_g", "t5"):
+        rows = max((r.shape[0] for k, r in files.components[slot].items()
+                    if k.endswith(("token_embedding.weight", "shared.weight"))), default=None)
+        if rows != tokenizer.vocab_size():
+            raise CheckpointError(f"--from-teacher '{path}': its {slot} encoder has a {rows}-token vocabulary; this "
+                                  f"build's tokenizer has {tokenizer.vocab_size()}")
+    return files
+
+
 def stage_encoders(b: Build) -> dict:
-    """The random, frozen CLIP-L-, CLIP-G- and T5-shaped encoders (encoders.py explains why untrained)."""
+    """The random, frozen CLIP-L-, CLIP-G- and T5-shaped encoders (encoders.py explains why untrained), or a
+    given teacher's."""
+    if b.teacher_file is not None:
+        files = given_teacher(b.teacher_file)
+        save_checkpoint(b.path("encoders.safetensors"),
+                        **{slot: component_state_dict(files, slot) for slot in ("clip_l", "clip_g", "t5")})
+        return {"from_teacher": str(b.teacher_file), "files": ["encoders.safetensors"]}
     models = encoders.make_text_encoders(b.preset.seed)
     save_checkpoint(b.path("encoders.safetensors"),
                     **{slot: encoders.text_state_dict(m) for slot, m in models.items()})
@@ -220,11 +268,16 @@ def stage_encoders(b: Build) -> dict:
 
 
 def stage_vae(b: Build) -> dict:
-    """Train the one-level SD3 VAE on toy scenes; write it with the encoders as ``components.safetensors``."""
-    vae, log = encoders.train_vae(seed=b.preset.seed, progress=b.progress, **b.preset.vae)
-    _write_csv(b.path("vae_log.csv"), log)
+    """Train the one-level SD3 VAE on toy scenes (or take a given teacher's); write it with the encoders as
+    ``components.safetensors``."""
     text = index_checkpoint(b.path("encoders.safetensors"))
     parts = {slot: component_state_dict(text, slot) for slot in ("clip_l", "clip_g", "t5")}
+    if b.teacher_file is not None:
+        vae = component_state_dict(given_teacher(b.teacher_file), "vae")
+        save_checkpoint(b.path("components.safetensors"), vae=vae, **parts)
+        return {"from_teacher": str(b.teacher_file), "files": ["components.safetensors"]}
+    vae, log = encoders.train_vae(seed=b.preset.seed, progress=b.progress, **b.preset.vae)
+    _write_csv(b.path("vae_log.csv"), log)
     save_checkpoint(b.path("components.safetensors"), vae=vae, **parts)
     recon = sum(r["recon"] for r in log[-10:]) / min(10, len(log))
     return {"recon_mse": recon, "files": ["components.safetensors", "vae_log.csv"]}
@@ -284,6 +337,10 @@ def write_config(path: Path, table: dict):
 
 
 def stage_teacher(b: Build) -> dict:
+    if b.teacher_file is not None:  # given: copied whole (the students and the table read it from the build)
+        given_teacher(b.teacher_file)
+        atomic_write(b.path("teacher", "teacher.safetensors"), lambda tmp: shutil.copyfile(b.teacher_file, tmp))
+        return {"from_teacher": str(b.teacher_file), "files": ["teacher/teacher.safetensors"]}
     config = write_config(b.path("teacher", "teacher.toml"), teacher_config(b))
     trainer = Trainer(config, World(), progress=b.progress, datasets=DATASETS)
     trainer.run("teacher", resume=b.resume, overwrite=not b.resume)
@@ -578,7 +635,8 @@ def install_demo(b: Build, dest: str | Path | None = None) -> Path:
 
 # The preset settings each stage's outputs depend on (besides the stages before it): what --resume compares.
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "world": ("seed", "prompts"), "tokenizer": ("text_length",), "vae": ("vae",), "evaluator": ("classifier",),
+    "world": ("seed", "prompts"), "tokenizer": ("text_length",), "encoders": ("from_teacher",), "vae": ("vae",),
+    "evaluator": ("classifier",),
     "teacher": ("teacher", "teacher_dropout"), "teacher_data": ("data",),
     "pretrain": ("train", "pretrain", "student_steps"), "dmd": ("dmd", "dmd_steps"), "split": ("split",),
     "variants": ("readings", "seeds"), "table": ("eval_samples",),
@@ -594,18 +652,26 @@ STAGES: dict[str, Callable[[Build], dict]] = {
 
 def build(out: str | Path, preset: str | Preset = "ci", progress: bool = True, resume: bool = False,
           until: str | None = None, log: Callable[[str], None] = print, seeds: int | None = None,
-          install: str | Path | bool | None = None) -> dict:
+          install: str | Path | bool | None = None, from_teacher: str | Path | None = None) -> dict:
     """Run the stages in order (up to and including ``until``); returns ``build.json``'s record: per stage its
     wall time in seconds and what it wrote. ``seeds`` overrides the preset's training seeds of the variants.
-    ``install`` (True: the package's ``demo/``; or a folder) copies the finished demo there (:func:`install_demo`)."""
+    ``install`` (True: the package's ``demo/``; or a folder) copies the finished demo there (:func:`install_demo`).
+    ``from_teacher``: a teacher checkpoint (the shipped one, or a build's) whose MM-DiT, VAE and text encoders
+    the build takes instead of training them (:func:`given_teacher` checks it first)."""
     preset = PRESETS[preset] if isinstance(preset, str) else preset
+    teacher_file = None
+    if from_teacher is not None:
+        teacher_file = Path(from_teacher)
+        given_teacher(teacher_file)
+        digest = hashlib.sha256(teacher_file.read_bytes()).hexdigest()
+        preset = replace(preset, from_teacher=digest)
     if seeds is not None:
         if seeds < 1:
             raise ValueError(f"seeds: expected a positive integer, got {seeds}")
         preset = replace(preset, seeds=seeds)
     if until is not None and until not in STAGES:
         raise ValueError(f"until: '{until}' is not a stage; stages: {', '.join(STAGES)}")
-    b = Build(Path(out), preset, progress, resume)
+    b = Build(Path(out), preset, progress, resume, teacher_file=teacher_file)
     b.out.mkdir(parents=True, exist_ok=True)
     b.load_record(log)
     names = list(STAGES)[:list(STAGES).index(until) + 1] if until else list(STAGES)
