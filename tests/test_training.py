@@ -361,3 +361,72 @@ def test_the_low_branch_is_rolled_out_through_the_high_branch(root, tmp_path, mo
     assert high_ks == [0, 1] and high_rollout is None
     assert low_ks == [2, 3] and isinstance(low_rollout, RoutedMMDiT) and low_rollout.boundary == 800.0
     assert low_rollout.low is not low_rollout.high
+
+
+def scores_for(**dmd) -> "object":
+    """A DMDScores on a stand-in driver (the options below need no data): a linear fake score."""
+    from types import SimpleNamespace
+
+    from sd35_flash.training.stages.dmd import DMDScores
+
+    config = config_from_dict({"dmd": dmd})
+    trainer = SimpleNamespace(config=config, wrap=lambda m: m, world=World())
+    return DMDScores(trainer, torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(("reading", "j"), [("shared_next", 2), ("shared_current", 1)])
+def test_a_shared_fake_sample_is_the_point_the_scores_are_read_at(reading, j):
+    """``dmd.fake_sample = "shared"``: the fake score is fit at the student's trajectory point where the reading
+    reads the scores, with the student's velocity there as its target (docs/algorithm.md "Stage B")."""
+    from sd35_flash.training import objectives as obj
+
+    torch.manual_seed(0)
+    weight = torch.randn(16, 16) * 0.1
+    sigmas = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
+    trajectory = obj.StudentTrajectory(lambda x, s: x @ weight, torch.randn(3, 16), sigmas)
+    x0, eps, sigma = scores_for(score_sample=reading, fake_sample="shared").shared_point(trajectory, 1)
+    assert torch.equal(sigma, sigmas[j].expand(3))
+    assert torch.allclose((1 - sigma[:, None]) * x0 + sigma[:, None] * eps, trajectory.point(j), atol=1e-6)
+    assert torch.allclose(eps - x0, trajectory.velocity(j), atol=1e-5)
+    last = scores_for(score_sample="shared_next", fake_sample="shared").shared_point(trajectory, 3)
+    assert last is None  # sigma 0 after the last step: re-noised there, as the reading is
+    assert scores_for(score_sample=reading).shared_point(trajectory, 1) is None  # renoise: the default
+
+
+def test_shared_fake_samples_need_a_shared_reading():
+    with pytest.raises(ConfigError, match="dmd.fake_sample: 'shared' fits the fake score where a shared reading"):
+        config_from_dict({"dmd": {"score_sample": "renoise", "fake_sample": "shared"}})
+
+
+def test_fresh_noise_and_a_fake_batch_of_its_own(root, tmp_path, monkeypatch):
+    """``dmd.noise = "fresh"`` rolls the student out from new noise, not the stored teacher noise, and
+    ``dmd.fake_batch = "other"`` fits the fake score on a batch the generator step does not score."""
+    from sd35_flash.training.stages import dmd as dmd_stage
+
+    seen = {"fake": [], "generator": []}
+    update, loss = dmd_stage.DMDScores.update_fake_score, dmd_stage.DMDScores.generator_loss
+
+    def spy_update(self, trajectory, batch, choices, generator):
+        seen["fake"].append(batch["noise"].clone())
+        return update(self, trajectory, batch, choices, generator)
+
+    def spy_loss(self, student_v, trajectory, batch, choices, generator):
+        seen["generator"].append(batch["noise"].clone())
+        return loss(self, student_v, trajectory, batch, choices, generator)
+
+    monkeypatch.setattr(dmd_stage.DMDScores, "update_fake_score", spy_update)
+    monkeypatch.setattr(dmd_stage.DMDScores, "generator_loss", spy_loss)
+    stored = TeacherData.load(root / "data").tensors["noise"]
+    runs = {}
+    for name, options in (("fresh", {"noise": "fresh", "fake_batch": "other"}), ("again", {"noise": "fresh"})):
+        seen = {"fake": [], "generator": []}
+        run = config_from_dict(base_config(root, train={"out": str(tmp_path / name)},
+                                           dmd={"iterations": 2, "fake_warmup_steps": 0, **options}))
+        Trainer(run, World(), progress=False).run("dmd")
+        runs[name] = seen
+    fresh = runs["fresh"]
+    for noise in fresh["generator"]:
+        assert not any(torch.equal(noise[0], n) for n in stored)  # not a stored teacher noise
+    assert all(not torch.equal(f, g) for f, g in zip(fresh["fake"], fresh["generator"], strict=True))
+    same = runs["again"]
+    assert all(torch.equal(f, g) for f, g in zip(same["fake"], same["generator"], strict=True))

@@ -259,6 +259,13 @@ class DMDConfig:
     g_clip: float = allowed(0.0, numbers=CLIP_NORM)                # 0: |g| not clipped
     renoise_range: list[float] = allowed(factory=lambda: [0.02, 0.98], numbers=PROBABILITY, length=(2, 2),
                                          rule=_increasing, text="[low, high] with 0 <= low < high <= 1")
+    # the student's rollout noise: the teacher data's stored noise of the batch, or fresh N(0, 1) every iteration
+    noise: Literal["data", "fresh"] = "data"
+    # the fake score's updates: on the batch the generator step scores next, or on another batch drawn for them
+    fake_batch: Literal["same", "other"] = "same"
+    # where the fake score is fit: x0 re-noised at a fresh shifted sigma, or (shared readings only) the student's
+    # own trajectory point the scores are read at, with the student's velocity there as the target
+    fake_sample: Literal["renoise", "shared"] = "renoise"
     optim: OptimConfig = field(default_factory=OptimConfig)
     fake_optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -397,7 +404,7 @@ def check_config(config: Config) -> None:
     """Every field's type and allowed values (its :class:`Allowed`), then the rules that tie keys together; the
     first problem is a :class:`ConfigError` naming the key path and what is allowed."""
     _check_fields(config, "")
-    for rule in (_check_grid_steps, _check_sample_seeds, _check_teacher):
+    for rule in (_check_grid_steps, _check_sample_seeds, _check_teacher, _check_fake_sample):
         rule(config)
 
 
@@ -429,6 +436,12 @@ def _check_sample_seeds(config: Config) -> None:
     if config.train.sample_every > 0 and not config.train.sample_seeds:
         raise ConfigError(f"train.sample_seeds: expected at least one seed when train.sample_every > 0 "
                           f"(it is {config.train.sample_every}), got []")
+
+
+def _check_fake_sample(config: Config) -> None:
+    if config.dmd.fake_sample == "shared" and config.dmd.score_sample == "renoise":
+        raise ConfigError("dmd.fake_sample: 'shared' fits the fake score where a shared reading reads it; with "
+                          "dmd.score_sample = 'renoise' use 'renoise'")
 
 
 def _check_teacher(config: Config) -> None:

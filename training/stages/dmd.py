@@ -67,10 +67,28 @@ class DMDScores:
             eps = world.local(torch.randn((b, *x0.shape[1:]), generator=generator)).to(d)
             t = world.local(torch.rand(b, generator=generator))
             sigma = shift_sigma(t, SD35_SHIFT).to(d)
+            point = self.shared_point(trajectory, k)
+            if point is not None:  # fit where the scores are read: x0 and eps that interpolate to that point
+                x0, eps, sigma = point
             fake_loss = obj.flow_matching_loss(fake_v, x0, eps, sigma)
             optimizer_step(self.fake_model, self.fake_optimizer, fake_loss, self.config.fake_optim)
             fake_losses.append(fake_loss.detach())
         return torch.stack(fake_losses).double().mean().item()  # one host sync per iteration, not per update
+
+    def shared_point(self, trajectory: obj.StudentTrajectory, k: int):
+        """``dmd.fake_sample = "shared"``: the student trajectory point ``j`` the generator step at ``k`` reads the
+        scores at (``k + 1`` for ``shared_next``, ``k`` for ``shared_current``) as ``(x0, eps, sigma)`` with
+        ``(1 - s_j) x0 + s_j eps = x_j`` and ``eps - x0`` the student's velocity there: the student's own x0
+        estimate at ``x_j``. None for ``renoise`` and at the final point (sigma 0: the reading re-noises there)."""
+        if self.config.fake_sample != "shared":
+            return None
+        j = k + 1 if self.config.score_sample == "shared_next" else k
+        sigma = trajectory.sigmas[j]
+        if float(sigma) <= 0.0:
+            return None
+        x_j, x0 = trajectory.point(j), trajectory.x0(j)
+        eps = (x_j - (1.0 - sigma) * x0) / sigma
+        return x0, eps, sigma.expand(x_j.shape[0])
 
     def generator_loss(self, student_v, trajectory: obj.StudentTrajectory, batch: dict, choices: list[int],
                        generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -100,21 +118,38 @@ class DMDScores:
         values["loss"] = loss.item()
         return loss, values
 
+    def draw_batch(self, generator: torch.Generator) -> dict:
+        """A batch of the teacher data; with ``dmd.noise = "fresh"`` its rollout noise replaced by fresh N(0, 1)
+        (drawn for the global batch, then this rank's slice)."""
+        batch = self.trainer.batch(generator)
+        if self.config.noise == "fresh":
+            world, b = self.trainer.world, self.trainer.config.train.batch_size
+            noise = torch.randn((b, *batch["noise"].shape[1:]), generator=generator)
+            batch = {**batch, "noise": world.local(noise).to(batch["noise"].device, batch["noise"].dtype)}
+        return batch
+
+    def trajectory(self, student_model, rollout_model, batch: dict) -> obj.StudentTrajectory:
+        """The student's trajectory from ``batch``'s noise, through ``rollout_model`` when given."""
+        model = student_model if rollout_model is None else rollout_model
+        v = velocity_fn(model, batch["context"], batch["pooled"], self.autocast)
+        return obj.StudentTrajectory(v, batch["noise"], self.trainer.sigmas.to(self.trainer.world.device))
+
     def step(self, student_model, generator: torch.Generator, step: int, ks: list[int] | None = None,
              rollout_model=None) -> tuple[dict[str, float], torch.Tensor | None]:
         """One DMD iteration on a batch drawn with ``generator``: fake-score updates, then (after warm-up) the
         generator loss on the student steps ``ks`` (default: all), returned unstepped (None during warm-up).
         ``rollout_model`` (default: the student) makes the trajectory the steps before ``ks`` start from: the
         split's low branch is rolled out through the high branch there, as inference runs them."""
-        trainer, d = self.trainer, self.trainer.world.device
-        sigmas = trainer.sigmas.to(d)
-        batch = trainer.batch(generator)
+        trainer = self.trainer
+        batch = self.draw_batch(generator)
         student_v = velocity_fn(student_model, batch["context"], batch["pooled"], self.autocast)
-        rollout_v = student_v if rollout_model is None else velocity_fn(rollout_model, batch["context"],
-                                                                        batch["pooled"], self.autocast)
         choices = ks if ks is not None else list(range(trainer.config.student.steps))
-        trajectory = obj.StudentTrajectory(rollout_v, batch["noise"], sigmas)  # shared by both halves
-        values = {"fake": self.update_fake_score(trajectory, batch, choices, generator)}
+        trajectory = self.trajectory(student_model, rollout_model, batch)  # shared by both halves unless ...
+        fake_batch, fake_trajectory = batch, trajectory
+        if self.config.fake_batch == "other":  # ... the fake score is fit on a batch of its own
+            fake_batch = self.draw_batch(generator)
+            fake_trajectory = self.trajectory(student_model, rollout_model, fake_batch)
+        values = {"fake": self.update_fake_score(fake_trajectory, fake_batch, choices, generator)}
         if step < self.config.fake_warmup_steps:
             return values, None
         loss, generator_values = self.generator_loss(student_v, trajectory, batch, choices, generator)
