@@ -149,6 +149,11 @@ def test_the_benchmark_prints_every_row_with_finite_numbers(ci_table, capsys):
     by_key = {r["key"]: r for r in result["rows"]}
     assert by_key["teacher32_cfg"]["metrics"]["fd_t"] == [pytest.approx(0.0, abs=1e-6)]
     assert by_key["teacher32_cfg"]["metrics"]["paired_mse"] == [0.0]
+    # unpaired FD_T: the reference row's is the teacher against itself from other noise, the printed floor
+    floor = by_key["teacher32_cfg"]["metrics"]["fd_t_unpaired"][0]
+    assert floor > 0 and floor == pytest.approx(result["fd_t_floor"])
+    assert f"teacher-against-itself floor {floor:.2f}" in printed
+    assert all(r["metrics"]["fd_t_unpaired"] != r["metrics"]["fd_t"] for r in result["rows"][1:])
     assert by_key["dmd4_shared_next"]["seeds"] == 3 and "±" in printed
     assert by_key["routed2"]["calls"] == 2 and by_key["teacher2_cfg"]["calls"] == 4
     assert re.search(r"real-vs-real floor \d", printed)

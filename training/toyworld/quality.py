@@ -11,7 +11,10 @@ build's evaluator.
   the empty negative) then its VAE decode. The routed row is the pipeline with the two branches behind
   :class:`~..split.RoutedMMDiT`.
 * **Metrics, in the order they are read.** FD_T: Frechet distance in the classifier's feature space to the
-  teacher's 32-step CFG samples (T5 on: the distillation target, for every row, T5-off rows included); paired MSE
+  teacher's 32-step CFG samples (T5 on: the distillation target, for every row, T5-off rows included); unpaired
+  FD_T: the same distance for the row sampled again from noise the reference never used (seeds from
+  :data:`UNPAIRED_NOISE_SEED`), beside its floor, the teacher against itself from that other noise (paired FD_T
+  rewards staying paired with the teacher; a student cannot beat the unpaired floor by copying); paired MSE
   to the teacher's sample from the same noise and prompt (decoded images in [-1, 1]); then FD to real images of the
   same prompts (``2 x samples`` of them) beside the real-vs-real floor at the same counts, and attribute accuracy
   against the prompts' labels (all attributes right, and each). Rows trained with several seeds give the mean and
@@ -44,13 +47,14 @@ from . import evaluator, world
 
 CHUNK = 96                        # samples per generation call (a ComfyUI batch); call j uses noise seed NOISE_SEED + j
 NOISE_SEED = 0
+UNPAIRED_NOISE_SEED = 100_000     # unpaired FD_T: every row again from noise the reference never used
 REAL_SEED = 1234                  # the real reference set; the floor's second draw uses REAL_SEED + 1
 REFERENCE_STEPS = 32
 GRID_PROMPTS = world.EVAL_PROMPTS[::3]   # 8 prompts: 4 one-object, 4 relations
 GRID_SEEDS = (0, 1, 2, 3)
 GRID_SCALE = 4                    # 16 px -> 64 px cells
-CACHE_FORMAT = "sd35_flash.toy_quality_reference/1"
-METRICS = ("fd_t", "paired_mse", "fd_real", "acc_all")
+CACHE_FORMAT = "sd35_flash.toy_quality_reference/2"
+METRICS = ("fd_t", "fd_t_unpaired", "paired_mse", "fd_real", "acc_all")
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -222,7 +226,13 @@ class Reference:
     real_features: torch.Tensor
     real_accuracy: dict[str, float]
     floor: float
+    unpaired_features: torch.Tensor  # the teacher's own samples from the unpaired noise: FD_T's floor
     cached: bool = False
+
+    @property
+    def fd_t_floor(self) -> float:
+        """Unpaired FD_T of the teacher against itself."""
+        return evaluator.frechet_distance(self.unpaired_features, self.features)
 
 
 def _digest(path: Path) -> str:
@@ -233,7 +243,8 @@ def reference_key(teacher: Path, classifier_path: Path, samples: int, cfg: float
     """What the cached reference depends on: the teacher's and evaluator's bytes and every sampling setting."""
     return json.dumps({"format": CACHE_FORMAT, "teacher": _digest(teacher), "evaluator": _digest(classifier_path),
                        "samples": samples, "cfg": cfg, "steps": REFERENCE_STEPS, "chunk": CHUNK,
-                       "noise_seed": NOISE_SEED, "real_seed": REAL_SEED, "prompts": list(world.EVAL_PROMPTS)},
+                       "noise_seed": NOISE_SEED, "unpaired_noise_seed": UNPAIRED_NOISE_SEED, "real_seed": REAL_SEED,
+                       "prompts": list(world.EVAL_PROMPTS)},
                       sort_keys=True)
 
 
@@ -254,19 +265,24 @@ def reference(build_dir: str | Path, classifier: evaluator.AttributeClassifier, 
             if meta.get("key") == key:
                 t = {k: f.get_tensor(k) for k in f.keys()}
                 return Reference(prompts, labels, t["images"], t["features"], t["real_features"],
-                                 json.loads(meta["real_accuracy"]), float(meta["floor"]), cached=True)
+                                 json.loads(meta["real_accuracy"]), float(meta["floor"]), t["unpaired_features"],
+                                 cached=True)
     tic = time.perf_counter()
     pipe = load_pipeline(teacher, b / v["tokenizers"])
     images = generate(pipe, prompts, REFERENCE_STEPS, cfg, True, progress="teacher reference" if progress else None)
+    unpaired = generate(pipe, prompts, REFERENCE_STEPS, cfg, True, noise_seed=UNPAIRED_NOISE_SEED,
+                        progress="teacher, unpaired noise" if progress else None)
     real = world.sample_for_prompts(evaluator.repeat_prompts(world.EVAL_PROMPTS, 2 * samples), REAL_SEED)
     real_features = classifier.features(real.images)
     real_accuracy = evaluator.attribute_accuracy(classifier.predict(real.images),
                                                  world.caption_labels(real.captions))
     floor = evaluator.real_vs_real_floor(classifier, world.EVAL_PROMPTS, samples, 2 * samples, REAL_SEED + 1)
-    ref = Reference(prompts, labels, images, classifier.features(images), real_features, real_accuracy, floor)
+    ref = Reference(prompts, labels, images, classifier.features(images), real_features, real_accuracy, floor,
+                    classifier.features(unpaired))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": ref.images.contiguous(), "features": ref.features.contiguous(),
-               "real_features": real_features.contiguous()}, str(path),
+               "real_features": real_features.contiguous(),
+               "unpaired_features": ref.unpaired_features.contiguous()}, str(path),
               {"key": key, "floor": repr(floor), "real_accuracy": json.dumps(real_accuracy)})
     log(f"reference: teacher {REFERENCE_STEPS} steps CFG {cfg:g}, {samples} samples, "
         f"{time.perf_counter() - tic:.1f} s (cached in {path})")
@@ -276,12 +292,15 @@ def reference(build_dir: str | Path, classifier: evaluator.AttributeClassifier, 
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def measure(images: torch.Tensor, ref: Reference, classifier: evaluator.AttributeClassifier) -> dict[str, float]:
-    """FD_T and paired MSE against the teacher's reference, FD to real images, attribute accuracy (``acc_<name>``
-    per attribute, ``acc_all``)."""
+def measure(images: torch.Tensor, ref: Reference, classifier: evaluator.AttributeClassifier,
+            unpaired_features: torch.Tensor) -> dict[str, float]:
+    """FD_T and paired MSE against the teacher's reference, unpaired FD_T of ``unpaired_features`` (the row's
+    samples from the other noise), FD to real images, attribute accuracy (``acc_<name>`` per attribute,
+    ``acc_all``)."""
     features = classifier.features(images)
     accuracy = evaluator.attribute_accuracy(classifier.predict(images), ref.labels)
     return {"fd_t": evaluator.frechet_distance(features, ref.features),
+            "fd_t_unpaired": evaluator.frechet_distance(unpaired_features, ref.features),
             "paired_mse": evaluator.paired_mse(images, ref.images),
             "fd_real": evaluator.frechet_distance(features, ref.real_features),
             **{f"acc_{k}": v for k, v in accuracy.items()}}
@@ -295,7 +314,9 @@ def evaluate_row(row: Row, ref: Reference, classifier: evaluator.AttributeClassi
     for i, checkpoint in enumerate(row.checkpoints):
         pipe = None if row.reference and grid_path is None else load_pipeline(checkpoint, tokenizers, row.boundary)
         images = ref.images if row.reference else generate(pipe, ref.prompts, row.steps, row.cfg, row.use_t5)
-        per_seed.append(measure(images, ref, classifier))
+        unpaired = ref.unpaired_features if row.reference else classifier.features(
+            generate(pipe, ref.prompts, row.steps, row.cfg, row.use_t5, noise_seed=UNPAIRED_NOISE_SEED))
+        per_seed.append(measure(images, ref, classifier, unpaired))
         if i == 0 and grid_path is not None:
             grid_path.parent.mkdir(parents=True, exist_ok=True)
             sample_grid(pipe, row.steps, row.cfg, row.use_t5).save(grid_path)
@@ -326,7 +347,8 @@ def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = Tru
         results.append(result)
         log(f"{row.key}: {result['seconds']:.1f} s")
     real = {"fd_real": ref.floor, **{f"acc_{k}": v for k, v in ref.real_accuracy.items()}}
-    out = {"samples": samples, "real_samples": 2 * samples, "floor": ref.floor, "real": real,
+    out = {"samples": samples, "real_samples": 2 * samples, "floor": ref.floor, "fd_t_floor": ref.fd_t_floor,
+           "real": real,
            "reference_cached": ref.cached, "rows": results}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "table.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -353,19 +375,22 @@ def _percent(values: list[float]) -> list[float]:
 def format_tables(result: dict) -> str:
     """The markdown tables: the main one (FD_T and paired MSE first), then accuracy per attribute."""
     rows = result["rows"]
+    floor_t = result.get("fd_t_floor", float("nan"))
     lines = [f"Toy-world quality: {result['samples']} samples (24 fixed prompts, fixed noise); FD_T and paired MSE "
-             f"against the teacher's {REFERENCE_STEPS}-step CFG samples (T5 on); FD real against "
-             f"{result['real_samples']} real images (real-vs-real floor {result['floor']:.2f}). Mean ± standard "
-             "deviation over training seeds where a row has several (seeds column).", "",
-             "| model | steps | model calls | T5 | seeds | FD_T | paired MSE | FD real | accuracy (all) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"against the teacher's {REFERENCE_STEPS}-step CFG samples (T5 on), unpaired FD_T from other noise "
+             f"(teacher-against-itself floor {floor_t:.2f}); FD real against {result['real_samples']} real images "
+             f"(real-vs-real floor {result['floor']:.2f}). Mean ± standard deviation over training seeds where a "
+             "row has several (seeds column).", "",
+             "| model | steps | model calls | T5 | seeds | FD_T | FD_T unpaired | paired MSE | FD real | accuracy (all) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
+        unpaired = _cell(m["fd_t_unpaired"], ".2f") if "fd_t_unpaired" in m else "-"
         lines.append(f"| {r['label']} | {r['steps']} | {r['calls']} | {'on' if r['t5'] else 'off'} | {r['seeds']} | "
-                     f"{_cell(m['fd_t'], '.2f')} | {_cell(m['paired_mse'], '.4f')} | {_cell(m['fd_real'], '.2f')} | "
-                     f"{_cell(_percent(m['acc_all']), '.1f')} % |")
+                     f"{_cell(m['fd_t'], '.2f')} | {unpaired} | {_cell(m['paired_mse'], '.4f')} | "
+                     f"{_cell(m['fd_real'], '.2f')} | {_cell(_percent(m['acc_all']), '.1f')} % |")
     real = result["real"]
-    lines.append(f"| real images (a second draw) | | | | | | | {real['fd_real']:.2f} (floor) | "
+    lines.append(f"| real images (a second draw) | | | | | | | | {real['fd_real']:.2f} (floor) | "
                  f"{100 * real['acc_all']:.1f} % |")
     names = [k[4:] for k in rows[0]["metrics"] if k.startswith("acc_") and k != "acc_all"]
     lines += ["", "Attribute accuracy (%), per attribute the prompts name:", "",
