@@ -300,7 +300,9 @@ class TeacherConfig:
     components: str = ""               # checkpoint holding the frozen VAE and text encoders (an MM-DiT is ignored)
     depth: int = allowed(2, numbers=Range(1, 128))  # ComfyUI infers depth = hidden_size / 64: keep them so
     hidden_size: int = allowed(128, numbers=Range(64, 16384))  # a multiple of 64 (MMDiTConfig says so)
-    pos_embed_max_size: int = allowed(16, numbers=Range(1, 1024))  # patches per side of the table (>= latent side / 2)
+    # latent pixels per token side: 2 as SD3 (ComfyUI reads it from x_embedder's weight); 1 for fine detail
+    patch_size: int = allowed(2, numbers=Range(1, 8))
+    pos_embed_max_size: int = allowed(16, numbers=Range(1, 1024))  # patches per side (>= latent side / patch)
     # MM-DiT-X layers (each below depth: MMDiTConfig says so)
     dual_attention_layers: list[int] = allowed(factory=lambda: [0], numbers=Range(0, 127), length=(0, 128))
     qk_norm: bool = True
@@ -452,10 +454,10 @@ def _check_teacher(config: Config) -> None:
 
 
 def teacher_architecture(teacher: TeacherConfig):
-    """The :class:`~flash_core.mmdit.MMDiTConfig` of ``[teacher]`` (patch 2, 16 latent channels, SD3 widths)."""
+    """The :class:`~flash_core.mmdit.MMDiTConfig` of ``[teacher]`` (16 latent channels, SD3 widths)."""
     from ..flash_core.mmdit import MMDiTConfig
 
-    return MMDiTConfig(depth=teacher.depth, hidden_size=teacher.hidden_size,
+    return MMDiTConfig(depth=teacher.depth, hidden_size=teacher.hidden_size, patch_size=teacher.patch_size,
                        pos_embed_max_size=teacher.pos_embed_max_size,
                        dual_attention_layers=tuple(teacher.dual_attention_layers), qk_norm=teacher.qk_norm)
 
