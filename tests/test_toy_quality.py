@@ -42,7 +42,8 @@ def fake_build(folder: Path, teacher_seed: int = 0) -> Path:
     torch.manual_seed(0)
     evaluator.save_classifier(folder / "evaluator.safetensors", evaluator.AttributeClassifier(8), 8)
     t = "teacher/teacher.safetensors"
-    table = {"4": {"pretrain": t, "boundary": 500.0, "dmd": {"shared_next": [t, t], "renoise": [t, t]},
+    table = {"4": {"pretrain": t, "boundary": 500.0, "tg": [t, t], "anchor": [t, t],
+                   "dmd": {"shared_next": [t, t], "shared_next+fake_shared": [t, t], "renoise": [t, t]},
                    "merged": [t, t], "branches": [[t, t], [t, t]], "seeds": [0, 1], "split_reading": "shared_next"}}
     record = {"preset": {}, "stages": {"evaluator": {}, "variants": {"teacher": t, "tokenizers": "tokenizers",
                                                                      "teacher_cfg": 2.0, "table": table}}}
@@ -97,6 +98,8 @@ def test_rows_cover_the_table_at_equal_model_calls(fake):
     assert rows["teacher32_cfg"].reference and rows["teacher32_cfg"].calls == 64
     assert rows["teacher4_cfg"].calls == 8 and rows["teacher4"].calls == 4 and rows["tg4"].calls == 4
     assert {"dmd4_shared_next", "dmd4_renoise", "merge4", "routed4"} <= set(rows)
+    assert len(rows["tg4"].checkpoints) == 2 and rows["anchor4"].label.startswith("+ anchor only")
+    assert rows["dmd4_shared_next+fake_shared"].label == "+ DMD shared_next, fake score at shared"
     assert len(rows["dmd4_renoise"].checkpoints) == 2 and rows["routed4"].boundary == 500.0
     assert all(isinstance(c, tuple) and len(c) == 2 for c in rows["routed4"].checkpoints)
     off = [k for k in rows if k.endswith("_t5off")]

@@ -80,6 +80,13 @@ class Preset:
     # guidance student with each ``score_sample`` reading, and split + merge on ``readings[0]`` (the full method),
     # each trained with ``seeds`` training seeds (seed + 0, + 1, ...; ``--seeds`` overrides).
     readings: tuple[str, ...] = SCORE_SAMPLES
+    # dmd.fake_sample settings each shared reading is trained with (renoise always uses "renoise"); the first is
+    # the one of the full method (split + merge) and of the demo chain
+    fake_samples: tuple[str, ...] = ("renoise", "shared")
+    # per reading, DMD settings that replace the preset's [dmd] ones (each reading's best learning rate and anchor
+    # weight from a sweep: docs/toyworld.md "The build")
+    reading_dmd: dict = field(default_factory=dict)
+    anchor_control: bool = True        # the anchor-only control: Stage A continued for DMD's generator updates
     seeds: int = 3
     workers: int = 2                   # processes (one torch thread each) training the variants side by side
     eval_samples: int = 480            # samples per row of the quality table (stage ``table``)
@@ -308,11 +315,18 @@ def teacher_config(b: Build) -> dict:
 
 
 def student_config(b: Build, steps: int, out: Path | None = None, seed: int | None = None,
-                   reading: str | None = None, student_init: Path | None = None) -> dict:
+                   reading: str | None = None, student_init: Path | None = None, fake_sample: str | None = None,
+                   pretrain_iterations: int | None = None) -> dict:
     """A student run's config (``students/step{steps}``): the build's teacher, shared teacher data. A variant run
-    (the quality table's) names its own ``out`` folder, training ``seed``, DMD ``reading`` (``dmd.score_sample``)
-    and ``student_init`` (the trajectory-guidance student it starts from)."""
+    (the quality table's) names its own ``out`` folder, training ``seed``, DMD ``reading`` (``dmd.score_sample``,
+    with the preset's ``reading_dmd`` settings for it) and ``fake_sample``, ``student_init`` (the
+    trajectory-guidance student it starts from) and, for the anchor-only control, ``pretrain_iterations``."""
     p = b.preset
+    dmd = {**p.dmd, **({"score_sample": reading} if reading else {}),
+           **({"fake_sample": fake_sample} if fake_sample else {})}
+    for key, value in p.reading_dmd.get(reading or main_reading(p), {}).items():
+        dmd[key] = {**dmd.get(key, {}), **value} if isinstance(value, dict) else value
+    pretrain = {**p.pretrain, **({"iterations": pretrain_iterations} if pretrain_iterations else {})}
     model = {"teacher": str(b.path("teacher", "teacher.safetensors")), "tokenizers": str(b.path("tokenizers"))}
     if student_init is not None:
         model["student_init"] = str(student_init)
@@ -323,7 +337,7 @@ def student_config(b: Build, steps: int, out: Path | None = None, seed: int | No
         "student": {"steps": steps},
         "train": {"out": str(out or b.path("students", f"step{steps}")), **p.train,
                   "seed": p.seed if seed is None else seed},
-        "pretrain": p.pretrain, "dmd": {**p.dmd, **({"score_sample": reading} if reading else {})},
+        "pretrain": pretrain, "dmd": dmd,
         "split": {"boundary": SPLIT_BOUNDARY[steps], **p.split},
     }
 
@@ -391,24 +405,60 @@ def main_reading(p: Preset) -> str:
     return p.dmd.get("score_sample", DMDConfig().score_sample)
 
 
+def fake_samples_for(p: Preset, reading: str) -> tuple[str, ...]:
+    """The ``dmd.fake_sample`` settings a reading is trained with: the preset's for shared readings, ``renoise``
+    alone for the ``renoise`` reading (docs/algorithm.md "Stage B")."""
+    return ("renoise",) if reading == "renoise" else p.fake_samples
+
+
+def dmd_key(p: Preset, reading: str, fake_sample: str) -> str:
+    """The table's name for a DMD variant: the reading, with ``+fake_shared`` when not the preset's first."""
+    return reading if fake_sample == p.fake_samples[0] else f"{reading}+fake_{fake_sample}"
+
+
+def generator_updates(p: Preset) -> int:
+    """The DMD student updates of one run: its iterations after the fake-score warm-up."""
+    from ..config import DMDConfig
+
+    defaults = DMDConfig()
+    return (p.dmd.get("iterations", defaults.iterations)
+            - p.dmd.get("fake_warmup_steps", defaults.fake_warmup_steps))
+
+
 def variant_runs(b: Build) -> list[dict]:
-    """The quality table's training runs, in the order they train: per step count, per reading, per seed, a DMD
-    run from the trajectory-guidance student (then split + merge for the first reading). The demo chain's own run
-    (``students/step{N}``: main reading, seed ``preset.seed``, DMD steps) is reused rather than trained again."""
+    """The quality table's training runs (docs/toyworld.md "The build"), per step count and training seed:
+    trajectory guidance (phase 1); then, each from the trajectory-guidance student of its own seed (phase 2), the
+    anchor-only control (Stage A continued for as many updates as DMD's generator gets), DMD with every reading
+    and fake sample, and split + merge after the main one. The demo chain's own runs (``students/step{N}``: seed
+    ``preset.seed``, main reading, first fake sample) are reused rather than trained again."""
     p = b.preset
     runs = []
     for steps in p.student_steps:
         folder = b.path("students", f"step{steps}")
+        tg = {}
+        for seed in variant_seeds(p):
+            out = folder if seed == p.seed else folder / "variants" / f"tg_s{seed}"
+            tg[seed] = out / "pretrain.safetensors"
+            runs.append({"steps": steps, "kind": "tg", "seed": seed, "stages": ["pretrain"], "out": out,
+                         "config": out.with_suffix(".toml") if seed != p.seed else folder.with_suffix(".toml"),
+                         "reused": seed == p.seed, "phase": 1, "init": None})
+        for seed in variant_seeds(p) if p.anchor_control else ():
+            out = folder / "variants" / f"anchor_s{seed}"
+            runs.append({"steps": steps, "kind": "anchor", "seed": seed, "stages": ["pretrain"], "out": out,
+                         "config": out.with_suffix(".toml"), "reused": False, "phase": 2, "init": tg[seed]})
         for reading in p.readings:
-            for seed in variant_seeds(p):
-                stages = ["dmd", "split"] if reading == p.readings[0] else ["dmd"]
-                if reading == main_reading(p) and seed == p.seed and steps in p.dmd_steps:
-                    runs.append({"steps": steps, "reading": reading, "seed": seed, "stages": stages,
-                                 "out": folder, "config": b.path("students", f"step{steps}.toml"), "reused": True})
-                    continue
-                out = folder / "variants" / f"{reading}_s{seed}"
-                runs.append({"steps": steps, "reading": reading, "seed": seed, "stages": stages, "out": out,
-                             "config": out.with_suffix(".toml"), "reused": False})
+            for fake_sample in fake_samples_for(p, reading):
+                key = dmd_key(p, reading, fake_sample)
+                main = reading == p.readings[0] and fake_sample == p.fake_samples[0]
+                for seed in variant_seeds(p):
+                    stages = ["dmd", "split"] if main else ["dmd"]
+                    reused = (reading == main_reading(p) and fake_sample == p.fake_samples[0] and seed == p.seed
+                              and steps in p.dmd_steps)
+                    out = folder if reused else folder / "variants" / f"{key}_s{seed}"
+                    runs.append({"steps": steps, "kind": "dmd", "reading": reading, "fake_sample": fake_sample,
+                                 "key": key, "seed": seed, "stages": stages, "out": out,
+                                 "config": folder.with_suffix(".toml") if reused else out.with_suffix(".toml"),
+                                 "reused": reused, "phase": 2, "init": tg[seed]})
     return runs
 
 
@@ -438,18 +488,23 @@ def _train_variants(b: Build, runs: list[dict]) -> dict[str, float]:
 
     todo = [r for r in runs if not r["reused"]]
     for run in todo:
-        pretrain = b.path("students", f"step{run['steps']}", "pretrain.safetensors")
-        write_config(run["config"], student_config(b, run["steps"], run["out"], run["seed"], run["reading"], pretrain))
+        options = {"tg": {}, "anchor": {"student_init": run["init"], "pretrain_iterations": generator_updates(b.preset)},
+                   "dmd": {"student_init": run["init"], "reading": run.get("reading"),
+                           "fake_sample": run.get("fake_sample")}}[run["kind"]]
+        write_config(run["config"], student_config(b, run["steps"], run["out"], run["seed"], **options))
     seconds: dict[str, float] = {}
     name = lambda run: str(Path(run["out"]).relative_to(b.out))  # noqa: E731
     bar = tqdm(total=len(todo), desc="variants", unit="run", disable=not b.progress)
-    if b.preset.workers <= 1:
-        for run in todo:
-            seconds[name(run)] = _train_variant(str(run["config"]), run["stages"], b.resume, torch.get_num_threads())
-            bar.update(1)
-    else:
+    for phase in (1, 2):  # the trajectory-guidance students first: every later run starts from one
+        batch = [r for r in todo if r["phase"] == phase]
+        if b.preset.workers <= 1:
+            for run in batch:
+                seconds[name(run)] = _train_variant(str(run["config"]), run["stages"], b.resume,
+                                                    torch.get_num_threads())
+                bar.update(1)
+            continue
         with ProcessPoolExecutor(b.preset.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_train_variant, str(r["config"]), r["stages"], b.resume, 1): r for r in todo}
+            futures = {pool.submit(_train_variant, str(r["config"]), r["stages"], b.resume, 1): r for r in batch}
             for future in as_completed(futures):
                 seconds[name(futures[future])] = future.result()
                 bar.update(1)
@@ -473,14 +528,19 @@ def stage_variants(b: Build) -> dict:
         steps = run["steps"]
         pretrain = b.path("students", f"step{steps}", "pretrain.safetensors")
         entry = table.setdefault(str(steps), {"pretrain": rel(pretrain), "boundary": SPLIT_BOUNDARY[steps],
-                                              "dmd": {}, "merged": [], "branches": [], "seeds": variant_seeds(p)})
-        entry["dmd"].setdefault(run["reading"], []).append(rel(run["out"] / "dmd.safetensors"))
+                                              "tg": [], "anchor": [], "dmd": {}, "merged": [], "branches": [],
+                                              "seeds": variant_seeds(p)})
+        if run["kind"] in ("tg", "anchor"):
+            entry[run["kind"]].append(rel(run["out"] / "pretrain.safetensors"))
+            files += [rel(run["config"]), rel(run["out"] / "pretrain.safetensors")]
+            continue
+        entry["dmd"].setdefault(run["key"], []).append(rel(run["out"] / "dmd.safetensors"))
         files += [rel(run["config"]), rel(run["out"] / "dmd.safetensors")]
         if "split" in run["stages"]:
             entry["merged"].append(rel(run["out"] / "merged.safetensors"))
             entry["branches"].append([rel(run["out"] / "branch_high.safetensors"),
                                       rel(run["out"] / "branch_low.safetensors")])
-            entry["split_reading"] = run["reading"]
+            entry["split_reading"] = run["key"]
             files.append(rel(run["out"] / "merged.safetensors"))
     return {"teacher": "teacher/teacher.safetensors", "tokenizers": "tokenizers",
             "teacher_cfg": float(student_config(b, p.student_steps[0])["data"].get("teacher_cfg", 4.0)),
@@ -643,7 +703,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "evaluator": ("classifier",),
     "teacher": ("teacher", "teacher_dropout"), "teacher_data": ("data",),
     "pretrain": ("train", "pretrain", "student_steps"), "dmd": ("dmd", "dmd_steps"), "split": ("split",),
-    "variants": ("readings", "seeds"), "table": ("eval_samples",),
+    "variants": ("readings", "fake_samples", "reading_dmd", "anchor_control", "seeds"), "table": ("eval_samples",),
 }
 
 STAGES: dict[str, Callable[[Build], dict]] = {

@@ -101,8 +101,8 @@ def build_samples(build_dir: str | Path, default: int = 480) -> int:
 def table_rows(build_dir: str | Path) -> list[Row]:
     """The table's rows, from the build record: the teacher's reference; then for each student step count the
     naive teacher at that many steps (with CFG, and without: the same model calls as the student), the
-    trajectory-guidance student, DMD with each ``score_sample`` reading, split + merge, the routed branches; then
-    the headline rows again with T5 off."""
+    trajectory-guidance students (one per training seed), the anchor-only control, DMD with each ``score_sample``
+    reading and fake sample, split + merge, the routed branches; then the headline rows again with T5 off."""
     b = Path(build_dir)
     v = read_record(b)["stages"]["variants"]
     teacher, cfg = b / v["teacher"], float(v["teacher_cfg"])
@@ -114,15 +114,18 @@ def table_rows(build_dir: str | Path) -> list[Row]:
         main = e.get("split_reading", next(iter(e["dmd"])))
         paths = lambda names: [b / n for n in names]  # noqa: E731
         naive = Row(f"teacher{steps}_cfg", f"teacher, CFG {cfg:g} (naive)", steps, cfg, True, [teacher])
-        guided = Row(f"tg{steps}", "student: trajectory guidance", steps, 1.0, True, [b / e["pretrain"]])
-        dmd = [Row(f"dmd{steps}_{r}", f"+ DMD {r}", steps, 1.0, True, paths(names))
-               for r, names in e["dmd"].items()]
+        guided = Row(f"tg{steps}", "student: trajectory guidance", steps, 1.0, True,
+                     paths(e.get("tg") or [e["pretrain"]]))
+        anchor = ([Row(f"anchor{steps}", "+ anchor only (Stage A continued, no DMD)", steps, 1.0, True,
+                       paths(e["anchor"]))] if e.get("anchor") else [])
+        dmd = [Row(f"dmd{steps}_{r}", f"+ DMD {r.replace('+fake_', ', fake score at ')}", steps, 1.0, True,
+                   paths(names)) for r, names in e["dmd"].items()]
         merged = Row(f"merge{steps}", f"+ DMD {main} + split, merged (full method)", steps, 1.0, True,
                      paths(e["merged"]))
         routed = Row(f"routed{steps}", f"+ DMD {main} + split, routed (2 checkpoints)", steps, 1.0, True,
                      [tuple(b / p for p in pair) for pair in e["branches"]], boundary=float(e["boundary"]))
         rows += [naive, Row(f"teacher{steps}", "teacher, CFG 1 (naive)", steps, 1.0, True, [teacher]), guided,
-                 *dmd, merged, routed]
+                 *anchor, *dmd, merged, routed]
         headline = [naive, guided, next(r for r in dmd if r.key.endswith(main)), merged]
         t5_off += [Row(r.key + "_t5off", r.label, r.steps, r.cfg, False, r.checkpoints) for r in headline]
     return rows + t5_off
