@@ -3,9 +3,10 @@
     python -m sd35_flash.training.toyworld --out toyworld_build            # the build: trains every row
     python benchmarks/toy_quality.py --build toyworld_build                # this: evaluates, trains nothing
 
-Prints the markdown tables (model, steps, model calls, T5, seeds, FD_T, paired MSE, FD real, accuracy; then accuracy
-per attribute) and writes ``BUILD/quality/table.md``, ``table.json``, one sample grid per row
-(``BUILD/quality/<row>.png``: 8 prompts x 4 noise seeds) and ``real.png``. The teacher's 32-step CFG reference
+Prints the markdown tables (model, steps, model calls, T5, seeds, FD_T, unpaired FD_T, paired MSE, FD real, accuracy;
+then accuracy per attribute; then the verdict on the paper's two claims with paired bootstrap intervals) and writes ``BUILD/quality/table.md``, ``table.json``, one sample grid per row
+(``BUILD/quality/<row>.png``: 8 prompts x 4 noise seeds), ``real.png`` and ``samples.safetensors`` (per-sample
+features and errors, what the verdict resamples). The teacher's 32-step CFG reference
 samples are cached in ``BUILD/quality/cache/``. See ``sd35_flash/training/toyworld/quality.py`` for the protocol.
 """
 

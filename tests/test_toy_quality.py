@@ -160,6 +160,9 @@ def test_the_benchmark_prints_every_row_with_finite_numbers(ci_table, capsys):
     assert by_key["dmd4_shared_next"]["seeds"] == 3 and "±" in printed
     assert by_key["routed2"]["calls"] == 2 and by_key["teacher2_cfg"]["calls"] == 4
     assert re.search(r"real-vs-real floor \d", printed)
+    assert "| timestep sharing | 4 | dmd4_shared_next | dmd4_renoise |" in printed  # the verdict
+    assert {e["claim"] for e in result["verdict"]} == {"timestep sharing", "split + merge"}
+    assert (out / "quality" / "samples.safetensors").exists()
     assert (out / "quality" / "real.png").exists() and (out / "quality" / "table.md").read_text() in printed + "\n"
 
 
@@ -179,3 +182,30 @@ def test_the_variant_configs_rerun_with_the_training_cli(ci_table):
     config = load_config(out / "students" / "step4" / "variants" / "renoise_s2.toml")
     assert config.dmd.score_sample == "renoise" and config.train.seed == 2
     assert config.model.student_init == str(out / "students" / "step4" / "pretrain.safetensors")
+
+
+def test_the_verdict_reads_a_clear_difference_and_a_tie():
+    """Each claim's row against its baseline on unpaired FD_T and paired MSE, with a paired bootstrap interval
+    over the samples: an interval clear of 0 reads as better or worse, one across 0 as no clear difference."""
+    torch.manual_seed(0)
+    reference = torch.randn(300, 4)
+    good = torch.randn(300, 2, 4)  # [samples, seeds, features]: drawn like the reference
+    per_sample = {"dmd4_renoise.unpaired_features": good + 1.0,  # shifted: far from the reference
+                  "dmd4_shared_next.unpaired_features": good,
+                  "merge4.unpaired_features": good + 1e-4 * torch.randn(300, 2, 4),
+                  "dmd4_renoise.paired_se": torch.full((300, 2), 0.2),
+                  "dmd4_shared_next.paired_se": torch.rand(300, 2) * 0.2,
+                  "merge4.paired_se": torch.rand(300, 2) * 0.2}
+    metrics = {"fd_t_unpaired": [1.0, 1.2], "paired_mse": [0.1, 0.1]}
+    rows = [{"key": "dmd4_renoise", "steps": 4, "metrics": metrics},
+            {"key": "dmd4_shared_next", "steps": 4, "metrics": metrics},
+            {"key": "merge4", "steps": 4, "metrics": metrics, "split_from": "dmd4_shared_next"}]
+    sharing, split = quality.verdict(rows, per_sample, reference, resamples=200)
+    assert (sharing["row"], sharing["baseline"], split["baseline"]) == ("dmd4_shared_next", "dmd4_renoise",
+                                                                       "dmd4_shared_next")
+    assert sharing["fd_t_unpaired"]["reading"] == "better" and sharing["paired_mse"]["reading"] == "better"
+    assert sharing["fd_t_unpaired"]["interval"][1] < 0
+    assert split["fd_t_unpaired"]["reading"] == "no clear difference"
+    assert split["fd_t_unpaired"]["row"] == (1.1, pytest.approx(0.1414, abs=1e-3))  # mean ± spread over seeds
+    text = "\n".join(quality.format_verdict([sharing, split]))
+    assert "| timestep sharing | 4 | dmd4_shared_next | dmd4_renoise |" in text and ": better |" in text

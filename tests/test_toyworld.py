@@ -366,6 +366,18 @@ def tiny_classifier():
     return evaluator.train_classifier(iterations=60, batch_size=64, width=16, seed=0, progress=False)
 
 
+def test_paired_bootstrap_interval_covers_a_tie_and_excludes_a_shift():
+    torch.manual_seed(0)
+    a = torch.randn(400)
+    diff, low, high = evaluator.paired_bootstrap(a, a.clone(), lambda x: x.mean().item(), resamples=200)
+    assert diff == low == high == 0.0  # the same samples resampled together: no spread at all
+    diff, low, high = evaluator.paired_bootstrap(a + 0.5, a + 0.01 * torch.randn(400), lambda x: x.mean().item(),
+                                                 resamples=200)
+    assert 0 < low < diff < high and diff == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="one row per sample"):
+        evaluator.paired_bootstrap(a, a[:10], lambda x: x.mean().item())
+
+
 def test_classifier_is_well_above_chance_after_a_tiny_budget(tiny_classifier):
     classifier, log = tiny_classifier
     assert len(log) == 60 and not classifier.training

@@ -188,6 +188,26 @@ def real_vs_real_floor(classifier: AttributeClassifier, prompts=world.EVAL_PROMP
     return frechet_distance(classifier.features(real_a), classifier.features(real_b))
 
 
+def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, statistic, resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """``statistic(a) - statistic(b)`` and its paired bootstrap interval: ``a`` and ``b`` hold one row per
+    evaluation sample, row ``i`` of both from the same prompt (and noise), so each resample draws one set of row
+    indices for both. ``statistic`` maps rows to a number (an FD to a fixed reference, a mean). Returns
+    (difference, low, high) at ``level`` from the percentiles of ``resamples`` resampled differences."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"paired_bootstrap needs one row per sample in both, got {a.shape[0]} and {b.shape[0]}")
+    generator = torch.Generator().manual_seed(seed)
+    n = a.shape[0]
+    diffs = []
+    for _ in range(resamples):
+        idx = torch.randint(n, (n,), generator=generator)
+        diffs.append(statistic(a[idx]) - statistic(b[idx]))
+    diffs = torch.tensor(diffs, dtype=torch.float64)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(diffs, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return statistic(a) - statistic(b), low, high
+
+
 def spread(values: list[float]) -> tuple[float, float]:
     """(mean, sample standard deviation) of a metric over seeds (0 spread for one seed)."""
     mean = sum(values) / len(values)

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ...flash_core.checkpoint import atomic_save
 from ...flash_core.pipeline import Conditioning, FlashPipeline, latents_to_images
 from ...flash_core.vae import process_out
 from ..split import load_routed
@@ -73,6 +74,7 @@ class Row:
     checkpoints: list = field(default_factory=list)
     boundary: float | None = None     # routed rows: the branches' boundary on 1000 * sigma
     reference: bool = False           # the teacher's 32-step CFG samples themselves
+    split_from: str | None = None     # merged rows: the key of the DMD row the split started from
 
     @property
     def calls(self) -> int:
@@ -121,7 +123,7 @@ def table_rows(build_dir: str | Path) -> list[Row]:
         dmd = [Row(f"dmd{steps}_{r}", f"+ DMD {r.replace('+fake_', ', fake score at ')}", steps, 1.0, True,
                    paths(names)) for r, names in e["dmd"].items()]
         merged = Row(f"merge{steps}", f"+ DMD {main} + split, merged (full method)", steps, 1.0, True,
-                     paths(e["merged"]))
+                     paths(e["merged"]), split_from=f"dmd{steps}_{main}")
         routed = Row(f"routed{steps}", f"+ DMD {main} + split, routed (2 checkpoints)", steps, 1.0, True,
                      [tuple(b / p for p in pair) for pair in e["branches"]], boundary=float(e["boundary"]))
         rows += [naive, Row(f"teacher{steps}", "teacher, CFG 1 (naive)", steps, 1.0, True, [teacher]), guided,
@@ -313,6 +315,7 @@ def evaluate_row(row: Row, ref: Reference, classifier: evaluator.AttributeClassi
                  grid_path: Path | None = None) -> dict:
     """The row's metrics for each checkpoint (training seed), and its sample grid from the first one."""
     per_seed: list[dict[str, float]] = []
+    per_sample: dict[str, list[torch.Tensor]] = {"unpaired_features": [], "paired_se": []}
     tic = time.perf_counter()
     for i, checkpoint in enumerate(row.checkpoints):
         pipe = None if row.reference and grid_path is None else load_pipeline(checkpoint, tokenizers, row.boundary)
@@ -320,14 +323,18 @@ def evaluate_row(row: Row, ref: Reference, classifier: evaluator.AttributeClassi
         unpaired = ref.unpaired_features if row.reference else classifier.features(
             generate(pipe, ref.prompts, row.steps, row.cfg, row.use_t5, noise_seed=UNPAIRED_NOISE_SEED))
         per_seed.append(measure(images, ref, classifier, unpaired))
+        per_sample["unpaired_features"].append(unpaired)
+        per_sample["paired_se"].append((images.double() - ref.images.double()).pow(2).flatten(1).mean(1))
         if i == 0 and grid_path is not None:
             grid_path.parent.mkdir(parents=True, exist_ok=True)
             sample_grid(pipe, row.steps, row.cfg, row.use_t5).save(grid_path)
     metrics = {k: [m[k] for m in per_seed] for k in per_seed[0]}
     return {"key": row.key, "label": row.label, "steps": row.steps, "calls": row.calls, "cfg": row.cfg,
-            "t5": row.use_t5, "seeds": len(per_seed), "metrics": metrics,
+            "t5": row.use_t5, "seeds": len(per_seed), "metrics": metrics, "split_from": row.split_from,
             "grid": str(grid_path) if grid_path is not None else None,
-            "seconds": round(time.perf_counter() - tic, 2)}
+            "seconds": round(time.perf_counter() - tic, 2),
+            # per evaluation sample, every seed ([N, seeds, ...]): what the verdict's paired bootstrap resamples
+            "per_sample": {k: torch.stack(v, dim=1).float() for k, v in per_sample.items()}}
 
 
 def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = True,
@@ -350,15 +357,86 @@ def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = Tru
         results.append(result)
         log(f"{row.key}: {result['seconds']:.1f} s")
     real = {"fd_real": ref.floor, **{f"acc_{k}": v for k, v in ref.real_accuracy.items()}}
+    per_sample = {f"{r['key']}.{k}": v.contiguous() for r in results for k, v in r.pop("per_sample").items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save({**per_sample, "reference.features": ref.features.contiguous()}, folder / "samples.safetensors")
     out = {"samples": samples, "real_samples": 2 * samples, "floor": ref.floor, "fd_t_floor": ref.fd_t_floor,
+           "verdict": verdict(results, per_sample, ref.features),
            "real": real,
            "reference_cached": ref.cached, "rows": results}
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "table.json").write_text(json.dumps(out, indent=1) + "\n")
     (folder / "table.md").write_text(format_tables(out))
     if grids:
         rows_figure(out, folder / "real.png").save(folder / "rows.png")
     return out
+
+
+# ------------------------------------------------------------------------------------------------ the verdict
+
+
+def comparisons(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(claim, row key, baseline row key) for the paper's two claims at each step count, T5 on: every shared
+    reading (and fake-sample variant) of DMD against re-noising, and split + merge against its DMD student."""
+    keys = {r["key"] for r in rows}
+    out = []
+    for steps in sorted({r["steps"] for r in rows if r["key"].startswith("dmd")}, reverse=True):
+        renoise = f"dmd{steps}_renoise"
+        for key in sorted(k for k in keys if k.startswith(f"dmd{steps}_shared") and not k.endswith("_t5off")):
+            if renoise in keys:
+                out.append(("timestep sharing", key, renoise))
+        merged = next((r for r in rows if r["key"] == f"merge{steps}"), None)
+        if merged is not None and merged.get("split_from") in keys:
+            out.append(("split + merge", merged["key"], merged["split_from"]))
+    return out
+
+
+def verdict(results: list[dict], per_sample: dict[str, torch.Tensor], reference_features: torch.Tensor,
+            resamples: int = 1000) -> list[dict]:
+    """Each comparison of :func:`comparisons` on unpaired FD_T and paired MSE: both rows' means and seed spreads,
+    the difference (row minus baseline: negative is better) and its 95 % paired bootstrap interval over the
+    evaluation samples (every seed of a row pooled per sample), and the reading: ``better`` or ``worse`` when the
+    interval excludes 0, else ``no clear difference``."""
+    by_key = {r["key"]: r for r in results}
+    width = reference_features.shape[1]
+
+    def fd(rows: torch.Tensor) -> float:
+        return evaluator.frechet_distance(rows.reshape(-1, width), reference_features)
+
+    def mse(rows: torch.Tensor) -> float:
+        return rows.double().mean().item()
+
+    out = []
+    for claim, key, base in comparisons(results):
+        entry = {"claim": claim, "row": key, "baseline": base, "steps": by_key[key]["steps"]}
+        for metric, name, statistic in (("fd_t_unpaired", "unpaired_features", fd), ("paired_mse", "paired_se", mse)):
+            a, b = per_sample[f"{key}.{name}"], per_sample[f"{base}.{name}"]
+            diff, low, high = evaluator.paired_bootstrap(a, b, statistic, resamples)
+            reading = "better" if high < 0 else "worse" if low > 0 else "no clear difference"
+            entry[metric] = {"row": evaluator.spread(by_key[key]["metrics"][metric]),
+                             "baseline": evaluator.spread(by_key[base]["metrics"][metric]),
+                             "difference": diff, "interval": [low, high], "reading": reading}
+        out.append(entry)
+    return out
+
+
+def format_verdict(entries: list[dict]) -> list[str]:
+    """The verdict as markdown lines (empty when the table has no comparison)."""
+    if not entries:
+        return []
+    lines = ["", "The paper's claims, row against baseline (T5 on): mean ± seed spread; the difference (negative: the "
+             "row is better) with its 95 % paired bootstrap interval over the evaluation samples:", "",
+             "| claim | steps | row | baseline | unpaired FD_T | difference [95 %] | paired MSE | difference [95 %] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        cells = []
+        for metric, fmt, diff_fmt in (("fd_t_unpaired", ".2f", "+.2f"), ("paired_mse", ".4f", "+.1e")):
+            m = e[metric]
+            (ra, sa), (rb, sb) = m["row"], m["baseline"]
+            low, high = m["interval"]
+            cells += [f"{ra:{fmt}} ± {sa:{fmt}} vs {rb:{fmt}} ± {sb:{fmt}}",
+                      f"{m['difference']:{diff_fmt}} [{low:{diff_fmt}}, {high:{diff_fmt}}]: {m['reading']}"]
+        lines.append(f"| {e['claim']} | {e['steps']} | {e['row']} | {e['baseline']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -403,4 +481,5 @@ def format_tables(result: dict) -> str:
         lines.append(f"| {r['label']} | {r['steps']} | {'on' if r['t5'] else 'off'} | {cells} |")
     lines.append("| real images | | | " + " | ".join(f"{100 * real.get(f'acc_{n}', float('nan')):.1f}"
                                                     for n in names) + " |")
+    lines += format_verdict(result.get("verdict", []))
     return "\n".join(lines) + "\n"
