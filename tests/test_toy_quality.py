@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sd35_flash.flash_core.pipeline import latents_to_images
-from sd35_flash.training.toyworld import evaluator, quality, world
+from sd35_flash.training.toyworld import build, evaluator, quality, world
 
 from factories import write_demo_like_checkpoint
 
@@ -175,13 +175,24 @@ def test_the_variant_configs_rerun_with_the_training_cli(ci_table):
     record = json.loads((out / "build.json").read_text())["stages"]["variants"]
     for steps in ("4", "2"):
         entry = record["table"][steps]
-        assert set(entry["dmd"]) == {"shared_next", "shared_current", "renoise"}
+        assert set(entry["dmd"]) == {"shared_next", "shared_current", "renoise", "shared_next+fake_shared",
+                                     "shared_current+fake_shared"}
         assert all(len(paths) == 3 for paths in entry["dmd"].values()) and len(entry["merged"]) == 3
-        for path in [*sum(entry["dmd"].values(), []), *entry["merged"], *sum(entry["branches"], [])]:
+        assert len(entry["tg"]) == len(entry["anchor"]) == 3
+        for path in [*sum(entry["dmd"].values(), []), *entry["merged"], *sum(entry["branches"], []),
+                     *entry["tg"], *entry["anchor"]]:
             assert (out / path).exists(), path
-    config = load_config(out / "students" / "step4" / "variants" / "renoise_s2.toml")
-    assert config.dmd.score_sample == "renoise" and config.train.seed == 2
-    assert config.model.student_init == str(out / "students" / "step4" / "pretrain.safetensors")
+    # each DMD seed starts from the trajectory-guidance student of its own seed
+    variants = out / "students" / "step4" / "variants"
+    config = load_config(variants / "renoise_s2.toml")
+    assert config.dmd.score_sample == "renoise" and config.dmd.fake_sample == "renoise" and config.train.seed == 2
+    assert config.model.student_init == str(variants / "tg_s2" / "pretrain.safetensors")
+    shared = load_config(variants / "shared_next+fake_shared_s1.toml")
+    assert shared.dmd.fake_sample == "shared" and shared.model.student_init == str(variants / "tg_s1" /
+                                                                                    "pretrain.safetensors")
+    anchor = load_config(variants / "anchor_s0.toml")
+    assert anchor.model.student_init == str(out / "students" / "step4" / "pretrain.safetensors")
+    assert anchor.pretrain.iterations == build.generator_updates(build.PRESETS["ci"])
 
 
 def test_the_verdict_reads_a_clear_difference_and_a_tie():

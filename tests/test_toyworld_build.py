@@ -54,7 +54,8 @@ def test_the_demo_checkpoint_generates_with_its_tokenizers(built):
     # table as the build's table stage measured it (build.json): benchmarks/toy_quality.py may rewrite
     # quality/table.json later with another sample count, where near-tied rows can swap places
     means = json.loads((built / "build.json").read_text())["stages"]["table"]["rows"]
-    students = [key for key in means if key.startswith(("tg4", "dmd4_", "merge4")) and not key.endswith("_t5off")]
+    students = [key for key in means if key.startswith(("tg4", "anchor4", "dmd4_", "merge4"))
+                and not key.endswith("_t5off")]
     assert meta.training["table_row"] == min(students, key=lambda key: means[key]["fd_t_unpaired"])
     assert meta.training["source"].startswith("students/step4/") and (built / meta.training["source"]).exists()
     assert path.stat().st_size < 20 * 2**20
