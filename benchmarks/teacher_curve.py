@@ -24,14 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sd35_flash.flash_core.checkpoint import (
-    FlashMetadata,
-    component_shapes,
-    component_state_dict,
-    index_checkpoint,
-    load_mmdit,
-    load_vae,
-)
+from sd35_flash.flash_core import checkpoint as ckpt
 from sd35_flash.flash_core.pipeline import FlashPipeline
 from sd35_flash.flash_core.text import TripleTextEncoder, load_tokenizers
 from sd35_flash.flash_core.threads import AUTO, parse_threads, set_threads
@@ -44,12 +37,13 @@ REAL_SEED = 7  # real images for FD: a seed of their own, so no row sees the flo
 
 def frozen_parts(build: Path):
     """The build's VAE and text encoders (the teacher's frozen parts), and the VAE's downscale factor."""
-    files = index_checkpoint(build / "components.safetensors")
-    vae = load_vae(component_state_dict(files, "vae"))
+    files = ckpt.index_checkpoint(build / "components.safetensors")
+    vae = ckpt.load_vae(ckpt.component_state_dict(files, "vae"))
     text = TripleTextEncoder.from_state_dicts(
-        **{slot: component_state_dict(files, slot) if files.has(slot) else None for slot in ("clip_l", "clip_g", "t5")},
+        **{slot: ckpt.component_state_dict(files, slot) if files.has(slot) else None
+           for slot in ("clip_l", "clip_g", "t5")},
         tokenizers=load_tokenizers(build / "tokenizers"))
-    return vae.eval(), text.eval(), VAEConfig.from_state_dict(component_shapes(files, "vae")).downscale_factor
+    return vae.eval(), text.eval(), VAEConfig.from_state_dict(ckpt.component_shapes(files, "vae")).downscale_factor
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -68,12 +62,12 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 def ema_mmdit(path: Path) -> torch.nn.Module:
     """The MM-DiT of a teacher state's EMA (``ema.*``), or of a saved teacher checkpoint."""
     if path.name == "teacher.safetensors":
-        return load_mmdit(path).eval()
+        return ckpt.load_mmdit(path).eval()
     state = load_file(str(path))
     ema = {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
     if not ema:
         raise SystemExit(f"{path}: no 'ema.*' tensors (not a teacher stage state)")
-    return load_mmdit(ema).eval()
+    return ckpt.load_mmdit(ema).eval()
 
 
 def main(argv=None) -> int:
@@ -107,7 +101,7 @@ def main(argv=None) -> int:
     rows = []
     for iteration, path in found:
         tic = time.perf_counter()
-        pipe = FlashPipeline(ema_mmdit(path), vae, text, FlashMetadata(), "cpu", downscale_factor=downscale)
+        pipe = FlashPipeline(ema_mmdit(path), vae, text, ckpt.FlashMetadata(), "cpu", downscale_factor=downscale)
         images = quality.generate(pipe, prompts, args.steps, args.cfg, True)
         accuracy = evaluator.attribute_accuracy(classifier.predict(images), labels)
         fd = evaluator.frechet_distance(classifier.features(images), real_features)
