@@ -284,10 +284,12 @@ def print_auto_dtype(args: argparse.Namespace, device, files) -> None:
     goes unsaid. The measurement is the pipeline's own, kept for the process."""
     if args.dtype != "auto" or device.type != "cpu":
         return
+    import torch
+
     from .checkpoint_info import run_dtype
 
     dtype, reason = run_dtype(args.dtype, device, files)
-    if dtype.is_floating_point and dtype.itemsize < 4:
+    if dtype != torch.float32:
         print(reason, file=sys.stderr)
 
 

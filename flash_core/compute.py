@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .devices import DTYPES
+
 MARGIN = 1.15  # native half runs only when it is this much faster than the fp32 path
 TIMING_OUT = 256  # output features of the timed weight (enough to be a GEMM, small enough to time quickly)
 ROW_BUCKETS = (16, 64, 256, 1024)  # input rows are timed at the next of these (the last for more)
@@ -186,12 +188,12 @@ def auto_cpu_dtype(width: int, fp32_bytes: int, rows: int = 1024) -> tuple[torch
     fast = choice.as_fast_as_fp32
     return (torch.bfloat16 if fast else torch.float32,
             f"dtype auto: {'bf16' if fast else 'fp32'} (bf16 Linear layers measured "
-            f"{choice.half_s * 1e3:.2f} ms {'upcast' if choice.upcast else 'native'} vs {choice.fp32_s * 1e3:.2f} ms "
-            f"fp32 for {choice.rows} x {width} inputs; bf16 halves the weights' memory)")
+            f"{choice.half_s * 1e3:.2f} ms {'upcast' if choice.upcast else 'native'} vs "
+            f"{choice.fp32_s * 1e3:.2f} ms fp32 for {choice.rows} x {width} inputs; bf16 halves the weights' memory)")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
 
 
 def measured_summary(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)) -> list[str]:
@@ -202,8 +204,8 @@ def measured_summary(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.fl
         choices = [c for (d, _, _), c in _CHOICES.items() if d == dtype]
         if choices:
             native = sum(not c.upcast for c in choices)
-            lines.append(f"compute: {_dtype_name(dtype)} Linear layers ran natively at {native} of {len(choices)} measured "
-                         f"shapes, in fp32 at the other {len(choices) - native} (flash_core/compute.py)")
+            lines.append(f"compute: {_dtype_name(dtype)} Linear layers ran natively at {native} of {len(choices)} "
+                         f"measured shapes, in fp32 at the other {len(choices) - native} (flash_core/compute.py)")
         paths = sorted({c.path for (d, _), c in _ATTENTION.items() if d == dtype})
         if paths:
             lines.append(f"compute: {_dtype_name(dtype)} attention ran through {' and '.join(paths)} "

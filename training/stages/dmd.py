@@ -128,9 +128,8 @@ class DMDScores:
             batch = {**batch, "noise": world.local(noise).to(batch["noise"].device, batch["noise"].dtype)}
         return batch
 
-    def trajectory(self, student_model, rollout_model, batch: dict) -> obj.StudentTrajectory:
-        """The student's trajectory from ``batch``'s noise, through ``rollout_model`` when given."""
-        model = student_model if rollout_model is None else rollout_model
+    def trajectory(self, model, batch: dict) -> obj.StudentTrajectory:
+        """``model``'s trajectory (the student's, or the routed branches') from ``batch``'s noise."""
         v = velocity_fn(model, batch["context"], batch["pooled"], self.autocast)
         return obj.StudentTrajectory(v, batch["noise"], self.trainer.sigmas.to(self.trainer.world.device))
 
@@ -144,11 +143,12 @@ class DMDScores:
         batch = self.draw_batch(generator)
         student_v = velocity_fn(student_model, batch["context"], batch["pooled"], self.autocast)
         choices = ks if ks is not None else list(range(trainer.config.student.steps))
-        trajectory = self.trajectory(student_model, rollout_model, batch)  # shared by both halves unless ...
+        rollout = student_model if rollout_model is None else rollout_model
+        trajectory = self.trajectory(rollout, batch)  # shared by both halves unless ...
         fake_batch, fake_trajectory = batch, trajectory
         if self.config.fake_batch == "other":  # ... the fake score is fit on a batch of its own
             fake_batch = self.draw_batch(generator)
-            fake_trajectory = self.trajectory(student_model, rollout_model, fake_batch)
+            fake_trajectory = self.trajectory(rollout, fake_batch)
         values = {"fake": self.update_fake_score(fake_trajectory, fake_batch, choices, generator)}
         if step < self.config.fake_warmup_steps:
             return values, None
