@@ -25,25 +25,10 @@ import torch
 from safetensors.torch import load_file
 
 from sd35_flash.flash_core import checkpoint as ckpt
-from sd35_flash.flash_core.pipeline import FlashPipeline
-from sd35_flash.flash_core.text import TripleTextEncoder, load_tokenizers
 from sd35_flash.flash_core.threads import AUTO, parse_threads, set_threads
-from sd35_flash.flash_core.vae import VAEConfig
-from sd35_flash.training.toyworld import evaluator, quality, world
+from sd35_flash.training.toyworld import quality
 
-COLUMNS = ("shape", "colour", "position", "colour_2", "shape_2", "size", "layout", "all")
-REAL_SEED = 7  # real images for FD: a seed of their own, so no row sees the floor's draws
-
-
-def frozen_parts(build: Path):
-    """The build's VAE and text encoders (the teacher's frozen parts), and the VAE's downscale factor."""
-    files = ckpt.index_checkpoint(build / "components.safetensors")
-    vae = ckpt.load_vae(ckpt.component_state_dict(files, "vae"))
-    text = TripleTextEncoder.from_state_dicts(
-        **{slot: ckpt.component_state_dict(files, slot) if files.has(slot) else None
-           for slot in ("clip_l", "clip_g", "t5")},
-        tokenizers=load_tokenizers(build / "tokenizers"))
-    return vae.eval(), text.eval(), VAEConfig.from_state_dict(ckpt.component_shapes(files, "vae")).downscale_factor
+COLUMNS = quality.PROBE_COLUMNS
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -87,28 +72,21 @@ def main(argv=None) -> int:
         print(f"{args.run}: no teacher states or teacher.safetensors", file=sys.stderr)
         return 2
     found = [c for i, c in enumerate(found) if i % args.every == 0 or i == len(found) - 1]
-    classifier = evaluator.load_classifier(args.build / "evaluator.safetensors")
-    vae, text, downscale = frozen_parts(args.build)
-    prompts = evaluator.repeat_prompts(world.EVAL_PROMPTS, args.samples)
-    labels = world.caption_labels(prompts)
-    real = world.sample_for_prompts(evaluator.repeat_prompts(world.EVAL_PROMPTS, 2 * args.samples), REAL_SEED)
-    real_features = classifier.features(real.images)
-    floor = evaluator.real_vs_real_floor(classifier, world.EVAL_PROMPTS, args.samples, 2 * args.samples, REAL_SEED + 1)
+    probe = quality.TeacherProbe(args.build, args.samples, args.steps, args.cfg)
     print(f"teacher run {args.run}: {args.samples} samples, {args.steps} Euler steps, CFG {args.cfg:g}; "
-          f"real-vs-real FD floor {floor:.1f}")
+          f"real-vs-real FD floor {probe.floor:.1f}")
     print("| iteration | " + " | ".join(COLUMNS) + " | FD real | FD / floor | s |")
     print("|---" * (len(COLUMNS) + 4) + "|")
     rows = []
     for iteration, path in found:
         tic = time.perf_counter()
-        pipe = FlashPipeline(ema_mmdit(path), vae, text, ckpt.FlashMetadata(), "cpu", downscale_factor=downscale)
-        images = quality.generate(pipe, prompts, args.steps, args.cfg, True)
-        accuracy = evaluator.attribute_accuracy(classifier.predict(images), labels)
-        fd = evaluator.frechet_distance(classifier.features(images), real_features)
+        result = probe(ema_mmdit(path))
         label = "final" if path.name == "teacher.safetensors" else str(iteration)
-        rows.append({"iteration": label, **accuracy, "fd_real": fd, "floor": floor})
-        cells = " | ".join(f"{100 * accuracy[c]:.0f} %" if c in accuracy else "-" for c in COLUMNS)
-        print(f"| {label} | {cells} | {fd:.1f} | {fd / floor:.1f}x | {time.perf_counter() - tic:.0f} |", flush=True)
+        rows.append({"iteration": label, **result})
+        cells = " | ".join(f"{100 * result[c]:.0f} %" if c in result else "-" for c in COLUMNS)
+        fd = result["fd_real"]
+        print(f"| {label} | {cells} | {fd:.1f} | {fd / probe.floor:.1f}x | {time.perf_counter() - tic:.0f} |",
+              flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

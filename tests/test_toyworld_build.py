@@ -44,6 +44,46 @@ def test_the_configs_rerun_with_the_training_cli(built):
 
 
 @pytest.mark.slow
+def test_the_teacher_is_probed_and_installs_with_its_model_card(built, tmp_path):
+    """The teacher stage reads its teacher's samples with the evaluator (build.json, one line on stderr), and
+    ``install_teacher`` copies it with a model card naming its recipe, probe and SHA-256."""
+    import hashlib
+
+    record = json.loads((built / "build.json").read_text())["stages"]["teacher"]
+    probe = record["probe"]
+    assert {"shape", "colour", "position", "all", "fd_real", "floor"} <= probe.keys()
+    assert all(0 <= probe[k] <= 1 for k in ("shape", "colour", "position", "all")) and probe["floor"] > 0
+    b = build.Build(built, build.PRESETS["ci"], False, False)
+    b.record = json.loads((built / "build.json").read_text())
+    path = build.install_teacher(b, tmp_path / "shipped")
+    assert path.read_bytes() == (built / "teacher" / "teacher.safetensors").read_bytes()
+    card = (tmp_path / "shipped" / "README.md").read_text()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in card
+    assert f"{100 * probe['shape']:.0f} %" in card and "--from-teacher toyworld_teacher/teacher.safetensors" in card
+    assert f"{build.PRESETS['ci'].teacher['iterations']} iterations" in card and "Vocabulary" in card
+
+
+@pytest.mark.slow
+def test_the_teacher_curve_reads_every_saved_state(built, tmp_path, capsys):
+    """benchmarks/teacher_curve.py: one row per saved teacher state (its EMA) and the final teacher, each with
+    the probe's accuracies and FD to real images."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_curve.py"
+    spec = importlib.util.spec_from_file_location("teacher_curve", script)
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    assert curve.main(["--build", str(built), "--run", str(built / "teacher"), "--samples", "8", "--steps", "4",
+                       "--threads", "1", "--json", str(tmp_path / "curve.json")]) == 0
+    rows = json.loads((tmp_path / "curve.json").read_text())
+    states = sorted((built / "teacher" / "state" / "teacher").glob("step_*.safetensors"))
+    assert [r["iteration"] for r in rows] == [p.stem.removeprefix("step_").lstrip("0") for p in states] + ["final"]
+    assert all(0 <= r["shape"] <= 1 and r["fd_real"] > 0 for r in rows)
+    assert "| final |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_the_demo_checkpoint_generates_with_its_tokenizers(built):
     path = built / "demo" / DEMO_FILE_NAME
     files = index_checkpoint(path)
@@ -148,3 +188,27 @@ def test_a_teacher_without_its_parts_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"--from-teacher '{teacher}': no t5 weights" in err
     assert not (tmp_path / "b" / "build.json").exists()  # refused before any stage ran
+
+
+def test_the_teacher_stage_on_two_processes_trains_the_one_process_teacher(tmp_path):
+    """``teacher_workers = 2`` trains the teacher through torchrun and the training CLI, the global batch split
+    over two one-thread processes: the same draws, so the same teacher as in this process up to the order of
+    the gradient sum."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    one = tmp_path / "one"
+    build.build(one, "ci", progress=False, until="evaluator", log=lambda _: None)
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    preset = build.PRESETS["ci"]
+    for out, workers in ((one, 1), (two, 2)):
+        build.build(out, replace(preset, teacher_workers=workers), progress=False, until="teacher", resume=True,
+                    log=lambda _: None)
+    record = json.loads((two / "build.json").read_text())
+    assert record["stages"]["teacher"]["workers"] == 2
+    first, second = (load_file(str(out / "teacher" / "teacher.safetensors")) for out in (one, two))
+    assert first.keys() == second.keys()
+    mmdit = [k for k in first if k.startswith("model.diffusion_model.")]
+    assert mmdit and all(first[k].allclose(second[k], atol=1e-4) for k in mmdit)

@@ -5,6 +5,7 @@ few iterations only: what is checked is the plumbing (files, metadata, exact res
 objectives' numbers are checked in test_objectives.py.
 """
 
+import csv
 import os
 import socket
 import subprocess
@@ -430,3 +431,33 @@ def test_fresh_noise_and_a_fake_batch_of_its_own(root, tmp_path, monkeypatch):
     assert all(not torch.equal(f, g) for f, g in zip(fresh["fake"], fresh["generator"], strict=True))
     same = runs["again"]
     assert all(torch.equal(f, g) for f, g in zip(same["fake"], same["generator"], strict=True))
+
+
+def test_dmd_logs_the_fake_scores_held_out_loss_and_the_guidance_cosine(root, tmp_path):
+    """Every ``log_every`` step (warm-up included) logs the fake score's loss on its fixed held-out batch, and
+    every generator step the cosine between the DMD direction and the plain CFG gap; with ``real_cfg = 1``
+    there is no gap and no cosine. The held-out batch draws from a generator of its own: the fake score's
+    held-out loss at the same weights is the same number (tests/test_training_numbers.py pins that the
+    training draws do not move)."""
+    from sd35_flash.training.stages import dmd as dmd_stage
+
+    rows = {}
+    for name, real_cfg in (("cfg", 2.0), ("plain", 1.0)):
+        run = config_from_dict(base_config(root, train={"out": str(tmp_path / name)},
+                                           dmd={"iterations": 3, "fake_warmup_steps": 1, "real_cfg": real_cfg}))
+        Trainer(run, World(), progress=False).run("dmd")
+        with (tmp_path / name / "log_dmd.csv").open(newline="") as f:
+            rows[name] = list(csv.DictReader(f))
+    cfg_rows = rows["cfg"]
+    assert [r["fake_held_out"] != "" for r in cfg_rows] == [True, True, True]
+    assert all(float(r["fake_held_out"]) > 0 for r in cfg_rows)
+    assert cfg_rows[0]["cfg_cos"] == "" and all(-1 <= float(r["cfg_cos"]) <= 1 for r in cfg_rows[1:])
+    assert all(r.get("cfg_cos", "") == "" for r in rows["plain"])
+
+    trainer = Trainer(config_from_dict(base_config(root, train={"out": str(tmp_path / "again")})), World(),
+                      progress=False)
+    plan = dmd_stage.prepare(trainer)
+    scores = dmd_stage.DMDScores(trainer, plan.modules["fake"])
+    student = plan.modules["student"]
+    first, second = scores.held_out_fake_loss(student), scores.held_out_fake_loss(student)
+    assert first == second

@@ -159,6 +159,12 @@ def generator_step(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tenso
     return GeneratorStep(x_k, sigma_k, x0_hat, noised(x0_hat, renoise_eps, sigma_r), sigma_r)
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The cosine between two whole batches as flat vectors (0 when either is zero): a logged diagnostic."""
+    a, b = a.detach().flatten().double(), b.detach().flatten().double()
+    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
 def dmd_gradient(x0_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, normaliser: str = "per_sample",
                  clip: float = 0.0) -> torch.Tensor:
     """``g = (x0_fake - x0_real) / mean|x0_hat - x0_real|`` in fp32 (docs/algorithm.md "Stage B", DMD2's normaliser).

@@ -21,6 +21,8 @@ from .. import objectives as obj
 from . import Driver, StagePlan
 from .networks import make_optimizer, norm_value, optimizer_step, set_lr, velocity_fn
 
+HELD_OUT_SEED = 2**31 - 1  # the fake score's held-out batch (DMDScores.held_out_fake_loss): no step draws from it
+
 
 def new_fake_score(trainer: Driver) -> torch.nn.Module:
     """The fake score network, initialised from the teacher (docs/algorithm.md "Stage B"), trained in fp32."""
@@ -42,12 +44,20 @@ class DMDScores:
     def autocast(self) -> bool:
         return self.trainer.config.train.autocast == "bf16"
 
-    def real_score(self, batch: dict):
-        """The frozen teacher's velocity on ``batch``'s conditioning, with CFG ``dmd.real_cfg``."""
-        d = self.trainer.world.device
+    @torch.no_grad()
+    def real_x0(self, batch: dict, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen teacher's x0 estimates at ``(x, sigma)`` on ``batch``'s conditioning: with CFG
+        ``dmd.real_cfg`` (the real score) and without (its conditional half), from one batched forward."""
+        d, cfg = self.trainer.world.device, self.config.real_cfg
+        cond_v = velocity_fn(self.trainer.teacher, batch["context"], batch["pooled"], self.autocast)
+        if cfg == 1.0:
+            x0 = obj.score_x0(cond_v, x, sigma)
+            return x0, x0
         uncond = self.trainer.data.uncond_batch(batch["noise"].shape[0], batch["use_t5"])
-        return velocity_fn(self.trainer.teacher, batch["context"], batch["pooled"], self.autocast,
-                           tuple(u.to(d) for u in uncond), self.config.real_cfg)
+        both_v = velocity_fn(self.trainer.teacher, torch.cat([batch["context"], uncond[0].to(d)]),
+                             torch.cat([batch["pooled"], uncond[1].to(d)]), self.autocast)
+        cond, un = both_v(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
+        return (obj.x0_from_velocity(x, un + cfg * (cond - un), sigma), obj.x0_from_velocity(x, cond, sigma))
 
     def fake_score(self, batch: dict):
         """The fake score's velocity on ``batch``'s conditioning (no CFG)."""
@@ -74,6 +84,26 @@ class DMDScores:
             optimizer_step(self.fake_model, self.fake_optimizer, fake_loss, self.config.fake_optim)
             fake_losses.append(fake_loss.detach())
         return torch.stack(fake_losses).double().mean().item()  # one host sync per iteration, not per update
+
+    @torch.no_grad()
+    def held_out_fake_loss(self, rollout_model) -> float:
+        """The fake score's flow-matching loss on a batch it is never fit on: teacher data and fresh noise
+        drawn by a generator of its own (:data:`HELD_OUT_SEED`, the same batch every time), the current
+        student's x0 at each student step, fixed eps and shifted sigma. Logged as ``fake_held_out`` every
+        ``train.log_every`` steps: the fake score's warm-up is long enough once it stops falling."""
+        world, b, d = self.trainer.world, self.trainer.config.train.batch_size, self.trainer.world.device
+        generator = torch.Generator().manual_seed(HELD_OUT_SEED)
+        batch = self.trainer.batch(generator)
+        noise = torch.randn((b, *batch["noise"].shape[1:]), generator=generator)
+        batch = {**batch, "noise": world.local(noise).to(batch["noise"].device, batch["noise"].dtype)}
+        trajectory = self.trajectory(rollout_model, batch)
+        fake_v = velocity_fn(self.fake, batch["context"], batch["pooled"], self.autocast)
+        losses = []
+        for k in range(len(trajectory.sigmas) - 1):
+            eps = world.local(torch.randn((b, *noise.shape[1:]), generator=generator)).to(d)
+            sigma = shift_sigma(world.local(torch.rand(b, generator=generator)), SD35_SHIFT).to(d)
+            losses.append(obj.flow_matching_loss(fake_v, trajectory.x0(k), eps, sigma))
+        return torch.stack(losses).mean().item()
 
     def shared_point(self, trajectory: obj.StudentTrajectory, k: int):
         """``dmd.fake_sample = "shared"``: the student trajectory point ``j`` the generator step at ``k`` reads the
@@ -103,11 +133,13 @@ class DMDScores:
         sigmas = trajectory.sigmas
         gs = obj.generator_step(student_v, batch["noise"], sigmas, k, cfg.score_sample, renoise_eps, renoise_u,
                                 tuple(cfg.renoise_range), x_k=trajectory.point(k))
-        x0_real = obj.score_x0(self.real_score(batch), gs.x_score, gs.sigma_score)
+        x0_real, x0_cond = self.real_x0(batch, gs.x_score, gs.sigma_score)
         x0_fake = obj.score_x0(self.fake_score(batch), gs.x_score, gs.sigma_score)
         g = obj.dmd_gradient(gs.x0_hat, x0_real, x0_fake, cfg.normaliser, cfg.g_clip)
         loss = obj.dmd_generator_loss(gs.x0_hat, g)
         values = {"dmd": loss.item(), "g_abs": float(g.abs().mean()), "k": float(k)}
+        if cfg.real_cfg != 1.0:  # how much of the DMD direction is plain guidance (docs/algorithm.md "Stage B")
+            values["cfg_cos"] = obj.cosine(x0_real - x0_fake, x0_real - x0_cond)
         if cfg.trajectory_weight > 0:
             rows = torch.arange(n, device=d)
             kk = torch.full((n,), k, device=d)
@@ -150,6 +182,8 @@ class DMDScores:
             fake_batch = self.draw_batch(generator)
             fake_trajectory = self.trajectory(rollout, fake_batch)
         values = {"fake": self.update_fake_score(fake_trajectory, fake_batch, choices, generator)}
+        if (step + 1) % trainer.config.train.log_every == 0:
+            values["fake_held_out"] = self.held_out_fake_loss(rollout)
         if step < self.config.fake_warmup_steps:
             return values, None
         loss, generator_values = self.generator_loss(student_v, trajectory, batch, choices, generator)

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--install-demo", nargs="?", const=True, default=None, metavar="DIR",
                         help="then copy the demo model, its tokenizers, sample and model card into DIR (default: "
                              "this package's demo/ folder, what `sd35-flash generate` uses with no checkpoint)")
+    parser.add_argument("--install-teacher", nargs="?", const=True, default=None, metavar="DIR",
+                        help="then copy the teacher and its model card into DIR (default: the repository's "
+                             "toyworld_teacher/ folder, the teacher --from-teacher rebuilds the students from)")
     parser.add_argument("--from-teacher", metavar="PATH",
                         help="take this teacher checkpoint (e.g. the shipped toyworld_teacher/teacher.safetensors) "
                              "with its VAE and text encoders instead of training them")
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     def work() -> int:
         build(args.out, args.preset, progress=not args.quiet, resume=args.resume, until=args.until,
-              seeds=args.seeds, install=args.install_demo, from_teacher=args.from_teacher)
+              seeds=args.seeds, install=args.install_demo, from_teacher=args.from_teacher,
+              install_teacher_to=args.install_teacher)
         return 0
 
     threads = set_threads(args.threads)

@@ -26,7 +26,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -47,6 +50,9 @@ from . import encoders, evaluator, tokenizer, world
 from .dataset import DATASETS
 
 DEMO_PROMPT = "a blue triangle at the top"
+# The shipped teacher (a clone of the repository has it; the students and the table rebuild from it)
+TEACHER_FOLDER = Path(__file__).resolve().parents[2] / "toyworld_teacher"
+TEACHER_FILE_NAME = "teacher.safetensors"
 # Stage C's boundary on 1000 * sigma, halving each student grid: 4 steps {1, .9} / {.75, .5}; 2 steps {1} / {.75}.
 # (docs/algorithm.md's default 500 would split the 4-step grid 3:1, and lies below the whole 2-step grid.)
 SPLIT_BOUNDARY = {4: 825.0, 2: 875.0}
@@ -89,6 +95,10 @@ class Preset:
     anchor_control: bool = True        # the anchor-only control: Stage A continued for DMD's generator updates
     seeds: int = 3
     workers: int = 2                   # processes (one torch thread each) training the variants side by side
+    # processes (one torch thread each) training the teacher through torchrun, the global batch split over them
+    # (the same draws as one process: training/trainer.py); 1: in this process
+    teacher_workers: int = 1
+    teacher_probe_samples: int = 240   # the teacher's samples read by the evaluator after its stage (TeacherProbe)
     eval_samples: int = 480            # samples per row of the quality table (stage ``table``)
     # SHA-256 of a given teacher checkpoint (``--from-teacher``; set by :func:`build`): its MM-DiT, VAE and text
     # encoders replace the encoders, VAE and teacher stages' training. Empty: train them.
@@ -98,7 +108,7 @@ class Preset:
 PRESETS = {
     # The whole chain at unit-test size (docs/toyworld.md "Budgets": check plumbing, not quality): a few minutes.
     "ci": Preset(
-        name="ci", prompts=8,
+        name="ci", prompts=8, teacher_probe_samples=24,
         vae={"iterations": 40, "batch_size": 16},
         classifier={"iterations": 30, "batch_size": 32, "width": 16},
         teacher={"iterations": 30, "batch_size": 16, "dataset_size": 256, "depth": 2, "hidden_size": 128,
@@ -351,14 +361,54 @@ def write_config(path: Path, table: dict):
 
 
 def stage_teacher(b: Build) -> dict:
+    """The teacher: trained by the ``teacher`` stage of ``training/`` (on ``teacher_workers`` processes), or the
+    given one copied whole; then probed (:func:`probe_teacher`)."""
     if b.teacher_file is not None:  # given: copied whole (the students and the table read it from the build)
         given_teacher(b.teacher_file)
         atomic_write(b.path("teacher", "teacher.safetensors"), lambda tmp: shutil.copyfile(b.teacher_file, tmp))
-        return {"from_teacher": str(b.teacher_file), "files": ["teacher/teacher.safetensors"]}
-    config = write_config(b.path("teacher", "teacher.toml"), teacher_config(b))
-    trainer = Trainer(config, World(), progress=b.progress, datasets=DATASETS)
-    trainer.run("teacher", resume=b.resume, overwrite=not b.resume)
-    return {"files": ["teacher/teacher.toml", "teacher/teacher.safetensors", "teacher/log_teacher.csv"]}
+        return {"from_teacher": str(b.teacher_file), "probe": probe_teacher(b),
+                "files": ["teacher/teacher.safetensors"]}
+    path = b.path("teacher", "teacher.toml")
+    config = write_config(path, teacher_config(b))
+    tic = time.perf_counter()
+    if b.preset.teacher_workers > 1:
+        torchrun_stage(path, "teacher", b.preset.teacher_workers, b.resume, b.progress)
+    else:
+        trainer = Trainer(config, World(), progress=b.progress, datasets=DATASETS)
+        trainer.run("teacher", resume=b.resume, overwrite=not b.resume)
+    return {"workers": b.preset.teacher_workers, "training_seconds": round(time.perf_counter() - tic, 2),
+            "probe": probe_teacher(b),
+            "files": ["teacher/teacher.toml", "teacher/teacher.safetensors", "teacher/log_teacher.csv"]}
+
+
+def probe_teacher(b: Build) -> dict[str, float]:
+    """The build's teacher read by its evaluator (:class:`.quality.TeacherProbe`: ``teacher_probe_samples``
+    32-step CFG 2 samples on the evaluation prompts), printed as one line and kept in ``build.json``."""
+    from ...flash_core.checkpoint import load_mmdit
+    from .quality import TeacherProbe
+
+    probe = TeacherProbe(b.out, b.preset.teacher_probe_samples)
+    result = probe(load_mmdit(b.path("teacher", "teacher.safetensors")))
+    if b.progress:
+        print(f"teacher probe ({probe.samples} samples, {probe.steps} steps, CFG {probe.cfg:g}): "
+              + ", ".join(f"{k} {100 * v:.0f} %" for k, v in result.items() if k not in ("fd_real", "floor"))
+              + f"; FD real {result['fd_real']:.1f} (floor {result['floor']:.1f})", file=sys.stderr)
+    return {k: round(v, 4) for k, v in result.items()}
+
+
+def torchrun_stage(config: Path, stage: str, workers: int, resume: bool, progress: bool) -> None:
+    """Run ``stage`` of ``config`` on ``workers`` processes of one torch thread each, through torchrun and the
+    training CLI (``python -m torch.distributed.run --standalone --nproc_per_node N -m sd35_flash.training``),
+    its progress bar and errors on this terminal; a failure is one line naming the command to rerun."""
+    training = __package__.rsplit(".", 1)[0]  # sd35_flash.training, however the package is installed
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}",
+               "-m", training, str(config), "--stage", stage, "--threads", "1",
+               "--resume" if resume else "--overwrite", *([] if progress else ["--quiet"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, check=False)
+    if done.returncode != 0:
+        raise ChildProcessError(f"{stage} stage on {workers} processes failed (exit status {done.returncode}): "
+                           f"{' '.join(command[2:])}")
 
 
 def stage_teacher_data(b: Build) -> dict:
@@ -697,11 +747,67 @@ def install_demo(b: Build, dest: str | Path | None = None) -> Path:
     return dest / DEMO_FILE_NAME
 
 
+def teacher_card(b: Build, checkpoint: Path) -> str:
+    """``README.md`` beside an installed teacher: what it is, the recipe and wall time that made it, what it
+    draws (the build's probe), its SHA-256, how to rebuild the students from it, and the prompts it knows."""
+    record = b.record["stages"]["teacher"]
+    recipe = teacher_config(b)["teacher"]
+    probe = record.get("probe", {})
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    optim = {**recipe.get("optim", {})}
+    lines = [
+        "# The toy world's teacher", "",
+        f"A {checkpoint.stat().st_size / 2**20:.1f} MB single-file checkpoint in the official layout: the MM-DiT-X "
+        "teacher of the toy world (`training/toyworld/`, docs/toyworld.md \"Teacher\"), with the frozen tiny "
+        "CLIP-L / CLIP-G / T5-shaped text encoders and one-level SD3 VAE it was trained on, and the word-level "
+        "tokenizers in its metadata. The demo model and the README's quality table are distilled from it:", "",
+        f"    python -m sd35_flash.training.toyworld --preset full --from-teacher {TEACHER_FOLDER.name}/"
+        f"{TEACHER_FILE_NAME} --out toyworld_build", "",
+        f"SHA-256 `{digest}`.", "",
+        "## How it was made", "",
+        f"`python -m sd35_flash.training.toyworld --preset {b.preset.name} --install-teacher` (seed "
+        f"{b.preset.seed}), its `teacher` stage: {recipe.get('iterations')} iterations, batch "
+        f"{recipe.get('batch_size')}, {recipe.get('dataset_size')} scenes, depth {recipe.get('depth')}, hidden "
+        f"{recipe.get('hidden_size')}, patch {recipe.get('patch_size', 2)}, training sigmas `sigmoid(N("
+        f"{recipe.get('logit_normal_mean', 0.0)}, {recipe.get('logit_normal_std', 1.0)}))`, AdamW lr "
+        f"{optim.get('lr')} ({optim.get('schedule', 'constant')}, warm-up {optim.get('warmup_steps', 0)}), EMA "
+        f"{recipe.get('ema_decay', 0.999)}, on {record.get('workers', 1)} "
+        f"{'process' if record.get('workers', 1) == 1 else 'processes'} of one thread: "
+        f"{record.get('training_seconds', record['seconds']) / 60:.1f} min on a 2-core CPU.", "",
+    ]
+    if probe:
+        names = [k for k in probe if k not in ("fd_real", "floor")]
+        lines += ["## What it draws", "",
+                  "32 Euler steps, CFG 2 against the empty prompt, on the evaluation prompts (held out from the "
+                  f"distillation prompts), {b.preset.teacher_probe_samples} samples read by the build's evaluator:",
+                  "", "| " + " | ".join(names) + " | FD to real images |", "|---" * (len(names) + 1) + "|",
+                  "| " + " | ".join(f"{100 * probe[k]:.0f} %" for k in names)
+                  + f" | {probe['fd_real']:.1f} (real-vs-real floor {probe['floor']:.1f}) |", ""]
+    lines += prompt_guide(b.preset.text_length)
+    return "\n".join(lines)
+
+
+def install_teacher(b: Build, dest: str | Path | None = None) -> Path:
+    """Copy the build's teacher into ``dest`` (default: :data:`TEACHER_FOLDER`, the repository's shipped
+    teacher) through a temporary name, with its model card (:func:`teacher_card`); returns the checkpoint."""
+    dest = Path(dest) if dest is not None else TEACHER_FOLDER
+    source = b.path("teacher", "teacher.safetensors")
+    if "teacher" not in b.record.get("stages", {}) or not source.exists():
+        raise FileNotFoundError(f"{source}: the build has no teacher yet; run it through the teacher stage")
+    if "from_teacher" in b.record["stages"]["teacher"]:
+        raise ValueError(f"{source}: this build was given its teacher (--from-teacher); install it from the "
+                         "build that trained it, whose recipe its model card states")
+    target = dest / TEACHER_FILE_NAME
+    _copy_atomic(source, target)
+    atomic_write(dest / "README.md", lambda tmp: tmp.write_text(teacher_card(b, target)))
+    return target
+
+
 # The preset settings each stage's outputs depend on (besides the stages before it): what --resume compares.
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "world": ("seed", "prompts"), "tokenizer": ("text_length",), "encoders": ("from_teacher",), "vae": ("vae",),
     "evaluator": ("classifier",),
-    "teacher": ("teacher", "teacher_dropout"), "teacher_data": ("data",),
+    "teacher": ("teacher", "teacher_dropout", "teacher_probe_samples"), "teacher_data": ("data",),
     "pretrain": ("train", "pretrain", "student_steps"), "dmd": ("dmd", "dmd_steps"), "split": ("split",),
     "variants": ("readings", "fake_samples", "reading_dmd", "anchor_control", "seeds"), "table": ("eval_samples",),
 }
@@ -716,10 +822,12 @@ STAGES: dict[str, Callable[[Build], dict]] = {
 
 def build(out: str | Path, preset: str | Preset = "ci", progress: bool = True, resume: bool = False,
           until: str | None = None, log: Callable[[str], None] = print, seeds: int | None = None,
-          install: str | Path | bool | None = None, from_teacher: str | Path | None = None) -> dict:
+          install: str | Path | bool | None = None, from_teacher: str | Path | None = None,
+          install_teacher_to: str | Path | bool | None = None) -> dict:
     """Run the stages in order (up to and including ``until``); returns ``build.json``'s record: per stage its
     wall time in seconds and what it wrote. ``seeds`` overrides the preset's training seeds of the variants.
-    ``install`` (True: the package's ``demo/``; or a folder) copies the finished demo there (:func:`install_demo`).
+    ``install`` (True: the package's ``demo/``; or a folder) copies the finished demo there (:func:`install_demo`);
+    ``install_teacher_to`` (True: :data:`TEACHER_FOLDER`; or a folder) the teacher (:func:`install_teacher`).
     ``from_teacher``: a teacher checkpoint (the shipped one, or a build's) whose MM-DiT, VAE and text encoders
     the build takes instead of training them (:func:`given_teacher` checks it first)."""
     preset = PRESETS[preset] if isinstance(preset, str) else preset
@@ -753,6 +861,9 @@ def build(out: str | Path, preset: str | Preset = "ci", progress: bool = True, r
         log(f"[{i}/{len(names)}] {name}: {result['seconds']:.1f} s")
     b.record["seconds_this_run"] = round(time.perf_counter() - total, 2)
     b.save_record()
+    if install_teacher_to:
+        path = install_teacher(b, None if install_teacher_to is True else install_teacher_to)
+        log(f"teacher installed: {path}")
     if install:
         path = install_demo(b, None if install is True else install)
         log(f"demo model installed: {path}")

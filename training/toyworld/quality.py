@@ -216,6 +216,60 @@ def rows_figure(result: dict, real_path: Path | None = None, label_width: int = 
     return figure
 
 
+# ------------------------------------------------------------------------------------------------ teacher probe
+
+PROBE_REAL_SEED = 7  # the probe's real images: a seed of their own (the floor's second draw is PROBE_REAL_SEED + 1)
+PROBE_COLUMNS = ("shape", "colour", "position", "colour_2", "shape_2", "size", "layout", "all")
+
+
+def frozen_parts(build_dir: str | Path):
+    """A build's VAE and text encoders (a teacher's frozen parts, ``components.safetensors``) and the VAE's
+    downscale factor."""
+    from ...flash_core import checkpoint as ckpt
+    from ...flash_core.text import TripleTextEncoder, load_tokenizers
+    from ...flash_core.vae import VAEConfig
+
+    b = Path(build_dir)
+    files = ckpt.index_checkpoint(b / "components.safetensors")
+    vae = ckpt.load_vae(ckpt.component_state_dict(files, "vae"))
+    text = TripleTextEncoder.from_state_dicts(
+        **{slot: ckpt.component_state_dict(files, slot) if files.has(slot) else None
+           for slot in ("clip_l", "clip_g", "t5")},
+        tokenizers=load_tokenizers(b / "tokenizers"))
+    return vae.eval(), text.eval(), VAEConfig.from_state_dict(ckpt.component_shapes(files, "vae")).downscale_factor
+
+
+class TeacherProbe:
+    """What a teacher draws on the evaluation prompts (docs/toyworld.md "Teacher"): ``samples`` samples
+    (``EVAL_PROMPTS`` repeated, fixed noise) with ``steps`` Euler steps and CFG ``cfg`` as the table's reference
+    is made, read by the build's evaluator: the accuracy per attribute, ``all`` (every attribute right), and FD
+    to real images of the same prompts (twice as many) beside the real-vs-real floor at those counts."""
+
+    def __init__(self, build_dir: str | Path, samples: int = 240, steps: int = REFERENCE_STEPS, cfg: float = 2.0):
+        self.samples, self.steps, self.cfg = samples, steps, cfg
+        b = Path(build_dir)
+        self.classifier = evaluator.load_classifier(b / "evaluator.safetensors")
+        self.vae, self.text, self.downscale = frozen_parts(b)
+        self.prompts = evaluator.repeat_prompts(world.EVAL_PROMPTS, samples)
+        self.labels = world.caption_labels(self.prompts)
+        real = world.sample_for_prompts(evaluator.repeat_prompts(world.EVAL_PROMPTS, 2 * samples), PROBE_REAL_SEED)
+        self.real_features = self.classifier.features(real.images)
+        self.floor = evaluator.real_vs_real_floor(self.classifier, world.EVAL_PROMPTS, samples, 2 * samples,
+                                                  PROBE_REAL_SEED + 1)
+
+    def __call__(self, mmdit: torch.nn.Module) -> dict[str, float]:
+        """``{attribute: accuracy, ... (PROBE_COLUMNS order), "fd_real", "floor"}`` of ``mmdit``'s samples."""
+        from ...flash_core.checkpoint import FlashMetadata
+
+        pipe = FlashPipeline(mmdit.eval(), self.vae, self.text, FlashMetadata(), "cpu",
+                             downscale_factor=self.downscale)
+        images = generate(pipe, self.prompts, self.steps, self.cfg, True)
+        accuracy = evaluator.attribute_accuracy(self.classifier.predict(images), self.labels)
+        accuracy = {k: accuracy[k] for k in PROBE_COLUMNS if k in accuracy}
+        return {**accuracy, "fd_real": evaluator.frechet_distance(self.classifier.features(images),
+                                                                  self.real_features), "floor": self.floor}
+
+
 # ------------------------------------------------------------------------------------------------ reference
 
 
