@@ -316,8 +316,9 @@ def teacher_config(b: Build) -> dict:
     p = b.preset
     return {
         "model": {"tokenizers": str(b.path("tokenizers"))},
-        "train": {"out": str(b.path("teacher")), "seed": p.seed, "checkpoint_every": 100, "log_every": 10,
-                  "sample_every": 0},
+        # ten states kept along the run: the accuracy curve benchmarks/teacher_curve.py reads
+        "train": {"out": str(b.path("teacher")), "seed": p.seed, "log_every": 10, "sample_every": 0,
+                  "checkpoint_every": max(100, p.teacher.get("iterations", 0) // 10), "keep_last": 11},
         "dropout": p.teacher_dropout,
         "teacher": {"components": str(b.path("components.safetensors")), **p.teacher},
         "data": {"width": world.IMAGE_SIZE, "height": world.IMAGE_SIZE, **p.data},
