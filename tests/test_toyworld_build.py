@@ -212,3 +212,26 @@ def test_the_teacher_stage_on_two_processes_trains_the_one_process_teacher(tmp_p
     assert first.keys() == second.keys()
     mmdit = [k for k in first if k.startswith("model.diffusion_model.")]
     assert mmdit and all(first[k].allclose(second[k], atol=1e-4) for k in mmdit)
+
+
+@pytest.mark.slow
+def test_the_student_curve_measures_every_saved_state_like_a_table_row(built, tmp_path, capsys):
+    """benchmarks/student_curve.py: one row per saved state of a student stage and its output, each with the
+    table's metrics against the build's cached teacher reference."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "student_curve.py"
+    spec = importlib.util.spec_from_file_location("student_curve", script)
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    run = built / "students" / "step4"
+    assert curve.main(["--build", str(built), "--run", str(run), "--stage", "pretrain", "--samples", "8",
+                       "--threads", "1", "--json", str(tmp_path / "curve.json")]) == 0
+    rows = json.loads((tmp_path / "curve.json").read_text())
+    states = sorted((run / "state" / "pretrain").glob("step_*.safetensors"))
+    assert [r["state"] for r in rows] == [str(int(p.stem.removeprefix("step_"))) for p in states] + ["final"]
+    assert rows[-2]["paired_mse"] == rows[-1]["paired_mse"]  # the last state is the saved student
+    assert all(r["fd_t_unpaired"] > 0 and 0 <= r["acc_all"] <= 1 for r in rows)
+    assert "| final |" in capsys.readouterr().out
+    assert curve.main(["--build", str(built), "--run", str(tmp_path), "--stage", "dmd"]) == 2
