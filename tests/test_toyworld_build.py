@@ -235,3 +235,24 @@ def test_the_student_curve_measures_every_saved_state_like_a_table_row(built, tm
     assert all(r["fd_t_unpaired"] > 0 and 0 <= r["acc_all"] <= 1 for r in rows)
     assert "| final |" in capsys.readouterr().out
     assert curve.main(["--build", str(built), "--run", str(tmp_path), "--stage", "dmd"]) == 2
+
+
+@pytest.mark.skipif(not (build.TEACHER_FOLDER / build.TEACHER_FILE_NAME).exists(),
+                    reason="the shipped teacher is not here (a wheel does not carry toyworld_teacher/)")
+def test_the_shipped_teacher_is_what_its_model_card_says():
+    """toyworld_teacher/: an official single file that --from-teacher accepts, at most 20 MB, named by the
+    SHA-256 in its model card; the repository's safetensors stay within 30 MB in all."""
+    import hashlib
+    import re
+    from pathlib import Path
+
+    path = build.TEACHER_FOLDER / build.TEACHER_FILE_NAME
+    build.given_teacher(path)  # raises on a missing part or a vocabulary other than the world's
+    assert path.stat().st_size <= 20 * 2**20
+    card = (build.TEACHER_FOLDER / "README.md").read_text()
+    assert re.search(r"SHA-256 `([0-9a-f]{64})`", card).group(1) == hashlib.sha256(path.read_bytes()).hexdigest()
+    root = Path(build.__file__).resolve().parents[2]
+    # the folders the repository ships files in (a build the README's commands make in the root is the user's)
+    shipped = [p for folder in ("demo", "toyworld_teacher", "tests", "docs", "example_workflows")
+               for p in (root / folder).rglob("*.safetensors")]
+    assert sum(p.stat().st_size for p in shipped) <= 30 * 2**20, shipped

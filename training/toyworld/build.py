@@ -787,6 +787,16 @@ def teacher_card(b: Build, checkpoint: Path) -> str:
                   "", "| " + " | ".join(names) + " | FD to real images |", "|---" * (len(names) + 1) + "|",
                   "| " + " | ".join(f"{100 * probe[k]:.0f} %" for k in names)
                   + f" | {probe['fd_real']:.1f} (real-vs-real floor {probe['floor']:.1f}) |", ""]
+    curve = record.get("curve")  # {iteration: probe} of the run's saved states (benchmarks/teacher_curve.py)
+    if curve:
+        names = [k for k in next(iter(curve.values())) if k not in ("fd_real", "floor")]
+        lines += ["Along the run (the EMA of each saved state, `benchmarks/teacher_curve.py`):", "",
+                  "| iteration | " + " | ".join(names) + " | FD real |", "|---" * (len(names) + 2) + "|"]
+        lines += [f"| {it} | " + " | ".join(f"{100 * row[k]:.0f} %" for k in names) + f" | {row['fd_real']:.1f} |"
+                  for it, row in curve.items()]
+        lines.append("")
+    if record.get("note"):
+        lines += [record["note"], ""]
     lines += prompt_guide(b.preset.text_length)
     return "\n".join(lines)
 
