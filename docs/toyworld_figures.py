@@ -4,7 +4,9 @@
 
 writes ``rows.png`` (the quality table's sample strip per row, the build's ``quality/rows.png``) and
 ``curves.png`` (training curves from the build's CSV logs: the teacher's flow-matching loss, the trajectory-guidance
-losses of the 4- and 2-step students, and the 4-step DMD run's fake-score loss and trajectory anchor). Pillow only.
+losses of the 4- and 2-step students, the 4-step DMD run's fake-score loss (on its batches and held out) and
+trajectory anchor, and the cosine between its DMD direction and the plain CFG gap). Pillow only. A build given
+its teacher (``--from-teacher``) has no teacher log: ``--teacher-log`` names the log of the run that trained it.
 """
 
 from __future__ import annotations
@@ -65,17 +67,20 @@ def line_chart(title: str, series: dict[str, tuple[list[float], list[float]]], l
     return image
 
 
-def curves(build: Path) -> Image.Image:
-    """The three panels side by side."""
+def curves(build: Path, teacher_log: Path | None = None) -> Image.Image:
+    """The panels side by side. ``teacher_log``: the teacher run's CSV log (default: the build's own; a build
+    given its teacher with ``--from-teacher`` has none: pass the log of the run that trained it)."""
     students = build / "students"
+    teacher_log = teacher_log or build / "teacher" / "log_teacher.csv"
+    dmd = students / "step4" / "log_dmd.csv"
     panels = [
-        line_chart("teacher: flow-matching loss", {"teacher": read_log(build / "teacher" / "log_teacher.csv",
-                                                                       "loss")}),
+        line_chart("teacher: flow-matching loss", {"teacher": read_log(teacher_log, "loss")}),
         line_chart("trajectory guidance: loss", {f"{n}-step": read_log(students / f"step{n}" / "log_pretrain.csv",
                                                                        "loss") for n in (4, 2)}),
-        line_chart("DMD, 4 steps (students/step4: shared_next)", {"fake score": read_log(students / "step4" / "log_dmd.csv", "fake"),
-                                               "trajectory anchor": read_log(students / "step4" / "log_dmd.csv",
-                                                                             "trajectory")}),
+        line_chart("DMD, 4 steps (students/step4: shared_next)", {
+            "fake score": read_log(dmd, "fake"), "fake score, held out": read_log(dmd, "fake_held_out"),
+            "trajectory anchor": read_log(dmd, "trajectory")}),
+        line_chart("DMD, 4 steps: cos(DMD direction, CFG gap)", {"cosine": read_log(dmd, "cfg_cos")}, log=False),
     ]
     figure = Image.new("RGB", (PANEL[0] * len(panels), PANEL[1]), "white")
     for i, panel in enumerate(panels):
@@ -87,14 +92,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("build", type=Path, help="a finished toy-world build folder")
     parser.add_argument("out", type=Path, help="folder for rows.png and curves.png")
+    parser.add_argument("--teacher-log", type=Path, help="the teacher run's log_teacher.csv (default: the "
+                        "build's; a --from-teacher build has none)")
     args = parser.parse_args(argv)
+    teacher_log = args.teacher_log or args.build / "teacher" / "log_teacher.csv"
+    if not teacher_log.exists():
+        print(f"toyworld_figures: error: {teacher_log} is missing (a build given its teacher has no teacher log: "
+              "pass --teacher-log)", file=sys.stderr)
+        return 2
     rows = args.build / "quality" / "rows.png"
     if not rows.exists():
         print(f"toyworld_figures: error: {rows} is missing; finish the build (its table stage) first", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(rows, args.out / "rows.png")
-    curves(args.build).save(args.out / "curves.png")
+    curves(args.build, teacher_log).save(args.out / "curves.png")
     print(args.out / "rows.png")
     print(args.out / "curves.png")
     return 0

@@ -700,6 +700,17 @@ def prompt_guide(text_length: int) -> list[str]:
     ]
 
 
+def build_command(b: Build) -> str:
+    """The command line that made this build: its preset, and the given teacher and seed count when used."""
+    command = f"python -m sd35_flash.training.toyworld --preset {b.preset.name}"
+    given = b.record.get("stages", {}).get("teacher", {}).get("from_teacher")
+    if given:
+        command += f" --from-teacher {given}"
+    if b.preset.name in PRESETS and b.preset.seeds != PRESETS[b.preset.name].seeds:
+        command += f" --seeds {b.preset.seeds}"
+    return command
+
+
 def model_card(b: Build) -> str:
     """``demo/README.md``: what the demo model is, how it was made, how it measures (when the build has its
     quality table) and which prompts it understands (:func:`prompt_guide`)."""
@@ -712,9 +723,10 @@ def model_card(b: Build) -> str:
         "tiny CLIP-L / CLIP-G / T5-shaped text encoders, its one-level SD3 VAE, and the word-level tokenizer in "
         "`tokenizers/`. It draws 16 px scenes of the toy world (`training/toyworld/`): shapes in six colours, "
         "sizes, positions and relations on textured backgrounds. It exists so the pack runs with no download.", "",
-        f"Made by `python -m sd35_flash.training.toyworld --preset {b.preset.name} --install-demo` "
+        f"Made by `{build_command(b)} --install-demo` "
         f"(seed {b.preset.seed}; {minutes:.1f} min of stages on a 2-core CPU); the student is "
-        f"`{demo['source']}` of that build, the 4-step student with the lowest FD_T in its quality table. "
+        f"`{demo['source']}` of that build, the 4-step student with the lowest unpaired FD_T in its quality "
+        "table. "
         f"`sample.png`: \"{DEMO_PROMPT}\", 4 steps, seed 0, scaled 8x.", "",
     ]
     table = b.path("quality", "table.json")
