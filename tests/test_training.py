@@ -461,3 +461,8 @@ def test_dmd_logs_the_fake_scores_held_out_loss_and_the_guidance_cosine(root, tm
     student = plan.modules["student"]
     first, second = scores.held_out_fake_loss(student), scores.held_out_fake_loss(student)
     assert first == second
+    shared = Trainer(config_from_dict(base_config(root, train={"out": str(tmp_path / "shared")},
+                                                  dmd={"score_sample": "shared_next", "fake_sample": "shared"})),
+                     World(), progress=False)
+    at_points = dmd_stage.DMDScores(shared, dmd_stage.prepare(shared).modules["fake"])
+    assert at_points.held_out_fake_loss(student) != first  # held out where that fake score is fit

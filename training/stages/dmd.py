@@ -89,8 +89,9 @@ class DMDScores:
     def held_out_fake_loss(self, rollout_model) -> float:
         """The fake score's flow-matching loss on a batch it is never fit on: teacher data and fresh noise
         drawn by a generator of its own (:data:`HELD_OUT_SEED`, the same batch every time), the current
-        student's x0 at each student step, fixed eps and shifted sigma. Logged as ``fake_held_out`` every
-        ``train.log_every`` steps: the fake score's warm-up is long enough once it stops falling."""
+        student's x0 at each student step, fixed eps and shifted sigma (with ``dmd.fake_sample = "shared"``, the
+        student's own trajectory points where it has one, as the fake score is fit). Logged as ``fake_held_out``
+        every ``train.log_every`` steps: the fake score's warm-up is long enough once it stops falling."""
         world, b, d = self.trainer.world, self.trainer.config.train.batch_size, self.trainer.world.device
         generator = torch.Generator().manual_seed(HELD_OUT_SEED)
         batch = self.trainer.batch(generator)
@@ -102,7 +103,10 @@ class DMDScores:
         for k in range(len(trajectory.sigmas) - 1):
             eps = world.local(torch.randn((b, *noise.shape[1:]), generator=generator)).to(d)
             sigma = shift_sigma(world.local(torch.rand(b, generator=generator)), SD35_SHIFT).to(d)
-            losses.append(obj.flow_matching_loss(fake_v, trajectory.x0(k), eps, sigma))
+            x0, point = trajectory.x0(k), self.shared_point(trajectory, k)
+            if point is not None:  # dmd.fake_sample = "shared": held out where the fake score is fit
+                x0, eps, sigma = point
+            losses.append(obj.flow_matching_loss(fake_v, x0, eps, sigma))
         return torch.stack(losses).mean().item()
 
     def shared_point(self, trajectory: obj.StudentTrajectory, k: int):
