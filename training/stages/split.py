@@ -78,7 +78,7 @@ def prepare(trainer: Driver) -> StagePlan:
                 continue
             set_lr(opts[name], optim, step, cfg.iterations)
             optimizer_step(models[name], opts[name], loss, optim)
-            obj.ema_update(emas[name], dict(branches[name].state_dict()), cfg.ema_decay)
+            obj.ema_update(emas[name], dict(branches[name].named_parameters()), cfg.ema_decay)
             values.update({f"{name}_{k}": v for k, v in vals.items() if k in ("loss", "fake", "g_abs")})
         if "high_loss" in values:
             values["loss"] = (values["high_loss"] + values["low_loss"]) / 2

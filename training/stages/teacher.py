@@ -119,7 +119,7 @@ def prepare(trainer: Driver) -> StagePlan:
         loss = flow_matching_step(config, trainer.world, model, pool, generator)
         values = {"loss": loss.item(), "lr": set_lr(optimizer, cfg.optim, step, cfg.iterations)}
         values["grad_norm"] = norm_value(optimizer_step(model, optimizer, loss, cfg.optim))
-        obj.ema_update(ema, dict(teacher.state_dict()), ema_decay_at(step, cfg.ema_decay))
+        obj.ema_update(ema, dict(teacher.named_parameters()), ema_decay_at(step, cfg.ema_decay))
         return values
 
     return StagePlan(
