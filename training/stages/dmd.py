@@ -94,14 +94,12 @@ class DMDScores:
         every ``train.log_every`` steps: the fake score's warm-up is long enough once it stops falling."""
         world, b, d = self.trainer.world, self.trainer.config.train.batch_size, self.trainer.world.device
         generator = torch.Generator().manual_seed(HELD_OUT_SEED)
-        batch = self.trainer.batch(generator)
-        noise = torch.randn((b, *batch["noise"].shape[1:]), generator=generator)
-        batch = {**batch, "noise": world.local(noise).to(batch["noise"].device, batch["noise"].dtype)}
+        batch = self.fresh_noise(self.trainer.batch(generator), generator)
         trajectory = self.trajectory(rollout_model, batch)
         fake_v = velocity_fn(self.fake, batch["context"], batch["pooled"], self.autocast)
         losses = []
         for k in range(len(trajectory.sigmas) - 1):
-            eps = world.local(torch.randn((b, *noise.shape[1:]), generator=generator)).to(d)
+            eps = world.local(torch.randn((b, *batch["noise"].shape[1:]), generator=generator)).to(d)
             sigma = shift_sigma(world.local(torch.rand(b, generator=generator)), SD35_SHIFT).to(d)
             x0, point = trajectory.x0(k), self.shared_point(trajectory, k)
             if point is not None:  # dmd.fake_sample = "shared": held out where the fake score is fit
@@ -158,11 +156,13 @@ class DMDScores:
         """A batch of the teacher data; with ``dmd.noise = "fresh"`` its rollout noise replaced by fresh N(0, 1)
         (drawn for the global batch, then this rank's slice)."""
         batch = self.trainer.batch(generator)
-        if self.config.noise == "fresh":
-            world, b = self.trainer.world, self.trainer.config.train.batch_size
-            noise = torch.randn((b, *batch["noise"].shape[1:]), generator=generator)
-            batch = {**batch, "noise": world.local(noise).to(batch["noise"].device, batch["noise"].dtype)}
-        return batch
+        return self.fresh_noise(batch, generator) if self.config.noise == "fresh" else batch
+
+    def fresh_noise(self, batch: dict, generator: torch.Generator) -> dict:
+        """``batch`` with its rollout noise replaced by N(0, 1) drawn for the global batch (this rank's slice)."""
+        world, b = self.trainer.world, self.trainer.config.train.batch_size
+        noise = torch.randn((b, *batch["noise"].shape[1:]), generator=generator)
+        return {**batch, "noise": world.local(noise).to(batch["noise"].device, batch["noise"].dtype)}
 
     def trajectory(self, model, batch: dict) -> obj.StudentTrajectory:
         """``model``'s trajectory (the student's, or the routed branches') from ``batch``'s noise."""
