@@ -28,8 +28,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-grids", action="store_true", help="skip the sample grid PNGs")
     parser.add_argument("--threads", type=parse_threads, default=AUTO, metavar="auto|N",
                         help="torch CPU threads (default auto: sd35_flash.flash_core.threads.auto_threads)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes of one torch thread each that share the rows (default 1: this process)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no per-row timing lines")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.samples is not None and args.samples < 2:
         parser.error("--samples must be at least 2 (a Frechet distance needs a covariance)")
     from sd35_flash.training.toyworld.quality import build_samples, evaluate_build, format_tables
@@ -39,7 +43,8 @@ def main(argv=None) -> int:
     log = (lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
     try:
         samples = args.samples or build_samples(args.build)
-        result = evaluate_build(args.build, samples, grids=not args.no_grids, log=log, progress=not args.quiet)
+        result = evaluate_build(args.build, samples, grids=not args.no_grids, log=log, progress=not args.quiet,
+                                workers=args.workers)
     except FileNotFoundError as e:
         print(f"toy_quality: error: {e}", file=sys.stderr)
         return 2

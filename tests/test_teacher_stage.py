@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from sd35_flash.flash_core.checkpoint import FlashMetadata, index_checkpoint, save_checkpoint
 from sd35_flash.flash_core.pipeline import FlashPipeline
+from sd35_flash.training import objectives as obj
 from sd35_flash.training.cli import main as train_main
 from sd35_flash.training.config import ConfigError, config_from_dict, to_toml
 from sd35_flash.training.data import TeacherData
@@ -21,7 +22,6 @@ from sd35_flash.training.distributed import World
 from sd35_flash.training.teacher import (
     NULL_CAPTION,
     LatentPool,
-    ema_decay_at,
     folder_images,
     load_dataset,
     logit_normal_sigmas,
@@ -192,7 +192,7 @@ def test_logit_normal_sigmas_and_the_ema_warm_up():
     assert (sigmas.sub(0.5).abs() < 0.25).float().mean() > 0.7  # P(|z| < ln 3) = 0.73; uniform: 0.5
     shifted = logit_normal_sigmas(20000, 1.0, 1.0, torch.Generator().manual_seed(0))
     assert shifted.median() > 0.7
-    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
+    assert obj.ema_decay_at(0, 0.999) == pytest.approx(0.1) and obj.ema_decay_at(10**6, 0.999) == 0.999
 
 
 @pytest.mark.parametrize(("teacher", "key"), [

@@ -164,6 +164,13 @@ def test_the_benchmark_prints_every_row_with_finite_numbers(ci_table, capsys):
     assert {e["claim"] for e in result["verdict"]} == {"timestep sharing", "split + merge"}
     assert (out / "quality" / "samples.safetensors").exists()
     assert (out / "quality" / "real.png").exists() and (out / "quality" / "table.md").read_text() in printed + "\n"
+    # the rows on two worker processes: the same numbers (fixed noise), the same order
+    assert bench.main(["--build", str(out), "--samples", "24", "--quiet", "--no-grids", "--workers", "2"]) == 0
+    again = json.loads((out / "quality" / "table.json").read_text())
+    assert [r["key"] for r in again["rows"]] == [r["key"] for r in result["rows"]]
+    for a, b in zip(again["rows"], result["rows"], strict=True):
+        for name, values in b["metrics"].items():
+            assert a["metrics"][name] == pytest.approx(values, rel=1e-3, abs=1e-5), (b["key"], name)
 
 
 @pytest.mark.slow

@@ -261,3 +261,32 @@ def test_the_shipped_teacher_is_what_its_model_card_says():
     shipped = [p for folder in ("demo", "toyworld_teacher", "tests", "docs", "example_workflows")
                for p in (root / folder).rglob("*.safetensors")]
     assert sum(p.stat().st_size for p in shipped) <= 30 * 2**20, shipped
+
+
+@pytest.mark.slow
+def test_the_dmd_sweep_trains_and_measures_each_setting(built, tmp_path, capsys):
+    """benchmarks/dmd_sweep.py: one DMD run per (reading, lr, anchor) from the build's trajectory-guidance
+    student, each config carrying its setting, measured like a table row, and each reading's pick printed."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "dmd_sweep.py"
+    spec = importlib.util.spec_from_file_location("dmd_sweep", script)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep"
+    args = ["--build", str(built), "--out", str(out), "--preset", "ci", "--readings", "renoise", "shared_next",
+            "--lr", "1e-4", "3e-4", "--anchor", "50", "--updates", "2", "--samples", "8", "--workers", "1",
+            "--threads", "1", "--json", str(tmp_path / "sweep.json")]
+    assert sweep.main(args) == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert sorted((r["reading"], r["lr"]) for r in rows) == [("renoise", 1e-4), ("renoise", 3e-4),
+                                                             ("shared_next", 1e-4), ("shared_next", 3e-4)]
+    config = load_config(out / "shared_next_lr0.0003_w50.toml")
+    warmup = build.PRESETS["ci"].dmd["fake_warmup_steps"]
+    assert (config.dmd.optim.lr, config.dmd.trajectory_weight, config.dmd.iterations) == (3e-4, 50.0, warmup + 2)
+    assert config.dmd.score_sample == "shared_next"
+    printed = capsys.readouterr().out
+    picks = json.loads(printed.split("reading_dmd = ", 1)[1])
+    assert set(picks) == {"renoise", "shared_next"} and picks["renoise"]["trajectory_weight"] == 50.0
+    assert sweep.main(["--build", str(tmp_path), "--out", str(out)]) == 2

@@ -95,12 +95,6 @@ def logit_normal_sigmas(n: int, mean: float, std: float, generator: torch.Genera
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """The EMA decay at update ``step``: ``min(decay, (1 + step) / (10 + step))``, so a short run's EMA is
-    not dominated by its random initial weights."""
-    return min(decay, (1 + step) / (10 + step))
-
-
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, chunk: int = 256, progress: bool = False) -> torch.Tensor:
     """Model-space latents (``process_in`` of the posterior mean) of ``images``, in chunks."""

@@ -65,6 +65,8 @@ def prepare(trainer: Driver) -> StagePlan:
     scores, warmup_done = dmd_scores(trainer) if cfg.objective == "dmd" else (None, 0)
     # The low branch's steps start where the high branch's steps left them, as at inference (routed or merged).
     rollout = {"high": None, "low": RoutedMMDiT(branches["high"], branches["low"], cfg.boundary)}
+    # the first branch update: after a fresh fake score's warm-up, if this folder's DMD did not warm it up
+    first_update = trainer.config.dmd.fake_warmup_steps - warmup_done if scores is not None else 0
 
     def train_step(step: int, generator: torch.Generator) -> dict[str, float]:
         values = {}
@@ -78,7 +80,8 @@ def prepare(trainer: Driver) -> StagePlan:
                 continue
             set_lr(opts[name], optim, step, cfg.iterations)
             optimizer_step(models[name], opts[name], loss, optim)
-            obj.ema_update(emas[name], dict(branches[name].named_parameters()), cfg.ema_decay)
+            obj.ema_update(emas[name], dict(branches[name].named_parameters()),
+                           obj.ema_decay_at(step - first_update, cfg.ema_decay))
             values.update({f"{name}_{k}": v for k, v in vals.items() if k in ("loss", "fake", "g_abs")})
         if "high_loss" in values:
             values["loss"] = (values["high_loss"] + values["low_loss"]) / 2

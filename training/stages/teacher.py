@@ -18,7 +18,7 @@ from ...flash_core.schedule import teacher_sigmas
 from .. import objectives as obj
 from ..config import Config, ConfigError, teacher_architecture
 from ..distributed import World
-from ..teacher import LatentPool, ema_decay_at, load_dataset, logit_normal_sigmas
+from ..teacher import LatentPool, load_dataset, logit_normal_sigmas
 from . import Driver, StagePlan
 from .networks import (
     enable_gradient_checkpointing,
@@ -119,7 +119,7 @@ def prepare(trainer: Driver) -> StagePlan:
         loss = flow_matching_step(config, trainer.world, model, pool, generator)
         values = {"loss": loss.item(), "lr": set_lr(optimizer, cfg.optim, step, cfg.iterations)}
         values["grad_norm"] = norm_value(optimizer_step(model, optimizer, loss, cfg.optim))
-        obj.ema_update(ema, dict(teacher.named_parameters()), ema_decay_at(step, cfg.ema_decay))
+        obj.ema_update(ema, dict(teacher.named_parameters()), obj.ema_decay_at(step, cfg.ema_decay))
         return values
 
     return StagePlan(

@@ -135,12 +135,21 @@ PRESETS = {
                  "optim": {"lr": 1e-3, "warmup_steps": 200, "schedule": "cosine", "min_lr": 2e-5}},
         teacher_dropout={"t5": 0.5}, teacher_workers=2,
         data={"teacher_steps": 32, "teacher_cfg": 2.0, "shard_size": 128, "sample_batch": 32},
-        train={"batch_size": 32, "checkpoint_every": 100, "log_every": 10},
-        pretrain={"iterations": 400, "optim": {"lr": 3e-4}},
-        dmd={"iterations": 60, "fake_updates_per_step": 2, "fake_warmup_steps": 20, "trajectory_weight": 50.0,
-             "real_cfg": 2.0, "normaliser": "per_batch", "optim": {"lr": 1e-5}, "fake_optim": {"lr": 1e-4}},
-        split={"iterations": 30, "objective": "dmd"},
-        dmd_steps=(4,), eval_samples=384,
+        # The fair protocol (docs/toyworld.md "The build"), fitted to 90 minutes on 2 cores from the shipped
+        # teacher: batch 16 (trajectory guidance runs twice the iterations for the same scenes); DMD's fake score
+        # warmed up 50 iterations (its held-out loss is flat from about 50 on), then 300 generator updates on
+        # fresh noise, the fake score fit on a batch of its own; split + merge 100 iterations a branch with a
+        # bias-corrected EMA (ema_decay_at), which forgets the DMD start where 300 plain-EMA iterations would.
+        train={"batch_size": 16, "checkpoint_every": 100, "keep_last": 4, "log_every": 10},
+        pretrain={"iterations": 800, "optim": {"lr": 3e-4}},
+        dmd={"iterations": 350, "fake_updates_per_step": 2, "fake_warmup_steps": 50, "trajectory_weight": 50.0,
+             "real_cfg": 2.0, "normaliser": "per_batch", "noise": "fresh", "fake_batch": "other",
+             "optim": {"lr": 1e-5}, "fake_optim": {"lr": 1e-4}},
+        split={"iterations": 100, "objective": "dmd"},
+        # benchmarks/dmd_sweep.py (docs/toyworld.md "The build"): lr {1e-5, 3e-5} x anchor {10, 50}, 150 updates,
+        # 4 steps; every reading's best (unpaired FD_T, ties within 1 broken by paired MSE) is lr 1e-5, anchor 50
+        reading_dmd={reading: {"trajectory_weight": 50.0, "optim": {"lr": 1e-5}} for reading in SCORE_SAMPLES},
+        dmd_steps=(4,), eval_samples=256,
     ),
 }
 
@@ -607,7 +616,8 @@ def stage_table(b: Build) -> dict:
     samples a row, with a sample grid per row in ``quality/``."""
     from .quality import evaluate_build
 
-    result = evaluate_build(b.out, b.preset.eval_samples, grids=True, log=lambda _: None, progress=b.progress)
+    result = evaluate_build(b.out, b.preset.eval_samples, grids=True, log=lambda _: None, progress=b.progress,
+                            workers=b.preset.workers)
     means = {r["key"]: {m: sum(v) / len(v) for m, v in r["metrics"].items()
                         if m in ("fd_t", "fd_t_unpaired", "paired_mse")}
              for r in result["rows"]}

@@ -391,11 +391,48 @@ def evaluate_row(row: Row, ref: Reference, classifier: evaluator.AttributeClassi
             "per_sample": {k: torch.stack(v, dim=1).float() for k, v in per_sample.items()}}
 
 
+_WORKER: dict = {}  # a row worker's evaluator, reference and tokenizers (:func:`_start_row_worker`)
+
+
+def _start_row_worker(build_dir: Path, samples: int) -> None:
+    """A table worker process: one torch thread, the build's evaluator and cached reference."""
+    torch.set_num_threads(1)
+    classifier = evaluator.load_classifier(build_dir / "evaluator.safetensors")
+    _WORKER.update(classifier=classifier, ref=reference(build_dir, classifier, samples, log=lambda _: None),
+                   tokenizers=build_dir / read_record(build_dir)["stages"]["variants"]["tokenizers"])
+
+
+def _evaluate_in_worker(row: Row, grid_path: Path | None) -> dict:
+    return evaluate_row(row, _WORKER["ref"], _WORKER["classifier"], _WORKER["tokenizers"], grid_path)
+
+
+def _evaluate_rows(rows: list[Row], b: Path, samples: int, grid_paths: list, workers: int,
+                   run_here: Callable[[Row, Path | None], dict], progress: bool):
+    """Yield each row's result in order: here, or on ``workers`` processes of one torch thread each (rows are
+    independent and fixed-noise: the same numbers up to float rounding, in about half the time on 2 cores)."""
+    bar = tqdm(total=len(rows), desc="quality table", unit="row", disable=not progress)
+    if workers <= 1:
+        for row, grid in zip(rows, grid_paths, strict=True):
+            yield run_here(row, grid)
+            bar.update(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_row_worker, initargs=(b, samples)) as pool:
+            futures = [pool.submit(_evaluate_in_worker, row, grid) for row, grid in zip(rows, grid_paths, strict=True)]
+            for future in futures:
+                yield future.result()
+                bar.update(1)
+    bar.close()
+
+
 def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = True,
-                   log: Callable[[str], None] = print, progress: bool = False) -> dict:
+                   log: Callable[[str], None] = print, progress: bool = False, workers: int = 1) -> dict:
     """Every row of :func:`table_rows` measured on ``samples`` fixed samples; writes ``DIR/quality/table.json``,
     ``table.md`` and (``grids``) one grid PNG per row plus ``real.png``. Trains nothing. ``progress``: a bar over
-    the reference and the rows."""
+    the reference and the rows. ``workers`` > 1: the rows on that many processes of one torch thread each."""
     b = Path(build_dir)
     rows = table_rows(b)
     tokenizers = b / read_record(b)["stages"]["variants"]["tokenizers"]
@@ -405,11 +442,12 @@ def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = Tru
     if grids:
         folder.mkdir(parents=True, exist_ok=True)
         real_grid().save(folder / "real.png")
+    grid_paths = [folder / f"{row.key}.png" if grids else None for row in rows]
     results = []
-    for row in tqdm(rows, desc="quality table", unit="row", disable=not progress):
-        result = evaluate_row(row, ref, classifier, tokenizers, folder / f"{row.key}.png" if grids else None)
+    here = lambda row, grid: evaluate_row(row, ref, classifier, tokenizers, grid)  # noqa: E731
+    for result in _evaluate_rows(rows, b, samples, grid_paths, workers, here, progress):
         results.append(result)
-        log(f"{row.key}: {result['seconds']:.1f} s")
+        log(f"{result['key']}: {result['seconds']:.1f} s")
     real = {"fd_real": ref.floor, **{f"acc_{k}": v for k, v in ref.real_accuracy.items()}}
     per_sample = {f"{r['key']}.{k}": v.contiguous() for r in results for k, v in r.pop("per_sample").items()}
     folder.mkdir(parents=True, exist_ok=True)
