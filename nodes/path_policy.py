@@ -46,6 +46,7 @@ CONFIG_PATHS: dict[tuple[str, str], tuple[str, tuple[str, ...], bool]] = {
     ("train", "out"): (OUTPUT, (), False),
     ("teacher", "dataset"): (INPUT, (), False),
     ("teacher", "components"): ("model", ("checkpoints",), True),
+    ("teacher", "init"): ("model", ("checkpoints", "diffusion_models"), True),
 }
 CONFIG_NOT_PATHS = {("model", "device"), ("data", "negative")}  # the config's other str keys: no path
 
@@ -158,7 +159,7 @@ def confine_config(data: dict, *, models: Mapping[str, Sequence[str | os.PathLik
     name inside ComfyUI's folders; :class:`UnsafePathError` (``"config_toml: [train] out '/x' is an absolute
     path: ..."``) for one that would lead out, :class:`CheckpointError` for a model name no model folder has.
     ``train.out`` is relative to ``output_dir`` (default: ``run``) and ``data.dir`` to the run folder; an empty
-    value of an optional key (``student_init``, ``tokenizers``, ``components``) and ``teacher.dataset =
+    value of an optional key (``student_init``, ``tokenizers``, ``components``, ``init``) and ``teacher.dataset =
     "toyworld"`` are no paths. Values that are not text are left for the config's own checks."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     train = out.get("train")

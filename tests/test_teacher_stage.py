@@ -12,7 +12,12 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from sd35_flash.flash_core.checkpoint import FlashMetadata, index_checkpoint, save_checkpoint
+from sd35_flash.flash_core.checkpoint import (
+    FlashMetadata,
+    component_state_dict,
+    index_checkpoint,
+    save_checkpoint,
+)
 from sd35_flash.flash_core.pipeline import FlashPipeline
 from sd35_flash.training import objectives as obj
 from sd35_flash.training.cli import main as train_main
@@ -211,3 +216,29 @@ def test_teacher_stage_without_components_says_which_key(tmp_path):
     with pytest.raises(ConfigError, match="teacher.components: no checkpoint given"):
         Trainer(config, World(), progress=False).run("teacher")
 
+
+
+def test_a_teacher_fine_tunes_from_a_given_checkpoint(root, trained, tmp_path):
+    """``teacher.init``: the run starts from that MM-DiT (a learning rate of 1e-12 leaves it where it was)."""
+    given = trained / "teacher.safetensors"
+    config = config_from_dict(teacher_config(root, tmp_path / "ft", iterations=1, init=str(given),
+                                             optim={"lr": 1e-12, "warmup_steps": 0}))
+    Trainer(config, World(), progress=False, datasets=DATASETS).run("teacher")
+    before = component_state_dict(index_checkpoint(given), "mmdit")
+    after = component_state_dict(index_checkpoint(tmp_path / "ft" / "teacher.safetensors"), "mmdit")
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+
+@pytest.mark.parametrize("init, match", [
+    ("other_architecture", "not an unquantized MM-DiT of \\[teacher\\]'s architecture"),
+    ("missing.safetensors", "teacher.init: .*missing.safetensors"),
+    ("components.safetensors", "teacher.init: .*no MM-DiT"),
+])
+def test_a_teacher_init_that_does_not_fit_names_the_key(root, trained, tmp_path, init, match):
+    path = trained / "teacher.safetensors" if init == "other_architecture" else root / init
+    config = config_from_dict(teacher_config(root, tmp_path / "bad", init=str(path),
+                                             hidden_size=128 if init == "other_architecture" else 64))
+    with pytest.raises(ConfigError, match=match):
+        Trainer(config, World(), progress=False, datasets=DATASETS).run("teacher")
+    assert not (tmp_path / "bad" / "teacher.safetensors").exists()

@@ -310,6 +310,9 @@ class TeacherConfig:
     logit_normal_std: float = allowed(1.0, numbers=POSITIVE)
     caption_dropout: float = allowed(0.1, numbers=PROBABILITY)  # per sample: the empty caption (CFG's null prompt)
     ema_decay: float = allowed(0.999, numbers=DECAY)  # the EMA is what is saved; warmed up as min(decay, (1 + n) / (10 + n))
+    # a checkpoint whose MM-DiT (of this architecture) the teacher starts from instead of a fresh init: to
+    # fine-tune a trained teacher, e.g. on another sigma density; "" trains from scratch
+    init: str = ""
     optim: OptimConfig = field(default_factory=_teacher_optim)
 
 

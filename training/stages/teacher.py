@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ...flash_core.checkpoint import CheckpointFiles, component_state_dict, index_checkpoint, load_vae
+from ...flash_core.checkpoint import (
+    CheckpointFiles,
+    component_state_dict,
+    index_checkpoint,
+    load_mmdit,
+    load_vae,
+)
+from ...flash_core.errors import CheckpointError
 from ...flash_core.mmdit import MMDiT
 from ...flash_core.schedule import teacher_sigmas
 from .. import objectives as obj
@@ -68,6 +75,25 @@ def new_teacher(config: Config, device: torch.device) -> MMDiT:
     return teacher.requires_grad_(True).train()
 
 
+def initial_teacher(config: Config, device: torch.device) -> MMDiT:
+    """The teacher the stage trains: ``teacher.init``'s MM-DiT when given (an unquantized MM-DiT of
+    ``[teacher]``'s architecture), else :func:`new_teacher`."""
+    teacher = new_teacher(config, device)
+    path = config.teacher.init
+    if path:
+        try:
+            given = load_mmdit(path)
+        except CheckpointError as e:
+            raise ConfigError(f"teacher.init: {e}") from None
+        mine, theirs = teacher.state_dict(), given.state_dict()
+        if given.config != teacher.config or mine.keys() != theirs.keys():
+            raise ConfigError(f"teacher.init: '{path}' is not an unquantized MM-DiT of [teacher]'s architecture: "
+                              f"it is {given.config}, [teacher] makes {teacher.config}")
+        with torch.no_grad():
+            teacher.load_state_dict({k: v.to(mine[k].dtype) for k, v in theirs.items()})
+    return teacher
+
+
 def flow_matching_step(config: Config, world: World, model, pool: LatentPool,
                        generator: torch.Generator) -> torch.Tensor:
     """The rectified-flow loss ``||v(x_s, s) - (eps - x0)||^2`` on a global batch drawn with ``generator``
@@ -104,13 +130,13 @@ def teacher_preview(config: Config, device: torch.device, mmdit: torch.nn.Module
 
 
 def prepare(trainer: Driver) -> StagePlan:
-    """The teacher stage: the pool, a fresh teacher, AdamW, and the EMA that is saved."""
+    """The teacher stage: the pool, a fresh (or ``teacher.init``'s) teacher, AdamW, and the EMA that is saved."""
     config, device = trainer.config, trainer.world.device
     cfg = config.teacher
     files = component_files(config)
     vae = load_vae(component_state_dict(files, "vae"), device=device)
     pool = latent_pool(trainer, files, vae)
-    teacher = new_teacher(config, device)
+    teacher = initial_teacher(config, device)
     model = trainer.wrap(teacher)
     optimizer = make_optimizer(teacher.parameters(), cfg.optim)
     ema = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
