@@ -48,7 +48,7 @@ def sweep_runs(b: tb.Build, out: Path, steps: int, readings, lrs, anchors, updat
         config = tb.student_config(replace(b, preset=preset), steps, run_out, p.seed, reading=reading,
                                    student_init=b.path("students", f"step{steps}", "pretrain.safetensors"))
         runs.append({"reading": reading, "lr": lr, "anchor": anchor, "out": run_out, "config": config,
-                     "config_path": run_out.with_suffix(".toml")})
+                     "config_path": run_out.parent / f"{run_out.name}.toml"})  # names hold dots: 1e-4 -> 0.0001
     return runs
 
 
