@@ -406,26 +406,17 @@ def _evaluate_in_worker(row: Row, grid_path: Path | None) -> dict:
     return evaluate_row(row, _WORKER["ref"], _WORKER["classifier"], _WORKER["tokenizers"], grid_path)
 
 
-def _evaluate_rows(rows: list[Row], b: Path, samples: int, grid_paths: list, workers: int,
-                   run_here: Callable[[Row, Path | None], dict], progress: bool):
-    """Yield each row's result in order: here, or on ``workers`` processes of one torch thread each (rows are
+def _rows_on_workers(rows: list[Row], grid_paths: list, build_dir: Path, samples: int, workers: int):
+    """Yield each row's result, in order, from ``workers`` processes of one torch thread each (rows are
     independent and fixed-noise: the same numbers up to float rounding, in about half the time on 2 cores)."""
-    bar = tqdm(total=len(rows), desc="quality table", unit="row", disable=not progress)
-    if workers <= 1:
-        for row, grid in zip(rows, grid_paths, strict=True):
-            yield run_here(row, grid)
-            bar.update(1)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_start_row_worker, initargs=(b, samples)) as pool:
-            futures = [pool.submit(_evaluate_in_worker, row, grid) for row, grid in zip(rows, grid_paths, strict=True)]
-            for future in futures:
-                yield future.result()
-                bar.update(1)
-    bar.close()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_row_worker, initargs=(build_dir, samples)) as pool:
+        futures = [pool.submit(_evaluate_in_worker, row, grid) for row, grid in zip(rows, grid_paths, strict=True)]
+        for future in futures:
+            yield future.result()
 
 
 def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = True,
@@ -444,8 +435,9 @@ def evaluate_build(build_dir: str | Path, samples: int = 1000, grids: bool = Tru
         real_grid().save(folder / "real.png")
     grid_paths = [folder / f"{row.key}.png" if grids else None for row in rows]
     results = []
-    here = lambda row, grid: evaluate_row(row, ref, classifier, tokenizers, grid)  # noqa: E731
-    for result in _evaluate_rows(rows, b, samples, grid_paths, workers, here, progress):
+    measured = (_rows_on_workers(rows, grid_paths, b, samples, workers) if workers > 1 else
+                (evaluate_row(row, ref, classifier, tokenizers, grid) for row, grid in zip(rows, grid_paths, strict=True)))
+    for result in tqdm(measured, total=len(rows), desc="quality table", unit="row", disable=not progress):
         results.append(result)
         log(f"{result['key']}: {result['seconds']:.1f} s")
     real = {"fd_real": ref.floor, **{f"acc_{k}": v for k, v in ref.real_accuracy.items()}}
