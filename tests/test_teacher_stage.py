@@ -174,6 +174,38 @@ def test_latent_pool_holds_every_caption_once_with_the_null_prompt(root):
     torch.testing.assert_close(with_t5, context)
 
 
+def test_the_pool_keeps_the_toy_worlds_shape_regions_and_weights_them_around_one(root):
+    """``teacher.region_weight``: ``(1 + w * region) / (1 + w * mean region)``, so the weights average 1 over the
+    pool; a weight of 1 everywhere is the plain loss, and a weight on the regions changes it."""
+    from sd35_flash.flash_core.text import load_tokenizers
+
+    dataset = load_dataset("toyworld", 48, 16, seed=0, datasets=DATASETS)
+    pool = LatentPool.build(dataset, encoders.make_vae(), encoders.text_encoder(load_tokenizers(root / "tokenizers")))
+    assert torch.equal(pool.regions, dataset.regions)  # 1 latent pixel a pixel: the max-pool keeps the maps
+    assert pool.region_weights(torch.arange(48), 0.0) is None
+    weights = pool.region_weights(torch.arange(48), 10.0)
+    assert weights.shape == (48, 1, 16, 16) and weights.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert weights.max() > 5 * weights.min()
+    x0, eps = pool.latents[:4], torch.randn(4, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((4,), 0.7)
+    model = lambda x, s: torch.zeros_like(x)  # noqa: E731
+    plain = obj.flow_matching_loss(model, x0, eps, sigma)
+    assert obj.flow_matching_loss(model, x0, eps, sigma, torch.ones(4, 1, 16, 16)) == plain
+    assert obj.flow_matching_loss(model, x0, eps, sigma, weights[:4]) != plain
+
+
+def test_region_weight_trains_on_the_toy_world_and_is_refused_for_a_folder(root, tmp_path):
+    config = config_from_dict(teacher_config(root, tmp_path / "toy", iterations=2, region_weight=10.0))
+    Trainer(config, World(), progress=False, datasets=DATASETS).run("teacher")
+    assert all(np.isfinite(losses(tmp_path / "toy"))) and (tmp_path / "toy" / "teacher.safetensors").exists()
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "red.png")
+    (tmp_path / "red.txt").write_text("a red square\n")
+    config = config_from_dict(teacher_config(root, tmp_path / "folder", region_weight=10.0, dataset=str(tmp_path)))
+    with pytest.raises(ConfigError, match=f"teacher.region_weight: the dataset '{tmp_path}' has no region maps"):
+        Trainer(config, World(), progress=False, datasets=DATASETS).run("teacher")
+    assert not (tmp_path / "folder" / "teacher.safetensors").exists()
+
+
 def test_a_folder_of_captioned_images_is_a_dataset(tmp_path):
     for i, colour in enumerate(((255, 0, 0), (0, 0, 255))):
         Image.new("RGB", (40, 24), colour).save(tmp_path / f"{i}.png")
@@ -205,6 +237,7 @@ def test_logit_normal_sigmas_and_the_ema_warm_up():
     ({"caption_dropout": 1.5}, "teacher.caption_dropout"),
     ({"batch_size": 0}, "teacher.batch_size"),
     ({"logit_normal_std": 0.0}, "teacher.logit_normal_std"),
+    ({"region_weight": -1.0}, "teacher.region_weight"),
 ])
 def test_bad_teacher_config_names_the_key(teacher, key):
     with pytest.raises(ConfigError, match=key):

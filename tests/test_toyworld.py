@@ -359,6 +359,10 @@ def test_paired_mse_and_attribute_accuracy():
     with pytest.raises(ValueError, match="no labelled attribute"):
         evaluator.attribute_accuracy(pred, {"background": torch.full((4,), -1)})
     assert evaluator.spread([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    # per asked shape, over both objects: circles asked 3 times (2 read as circles), squares once, no triangle
+    shapes = {"shape": torch.tensor([0, 0, 1]), "shape_2": torch.tensor([-1, 0, -1])}
+    drawn = {"shape": torch.tensor([0, 1, 1]), "shape_2": torch.tensor([2, 0, 0])}
+    assert evaluator.shape_accuracy(drawn, shapes) == {"circle": pytest.approx(2 / 3), "square": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -410,3 +414,29 @@ def test_ci_sized_vae_and_classifier_reach_working_quality():
     classifier, _ = evaluator.train_classifier(iterations=150, batch_size=128, seed=0, progress=False)
     acc = evaluator.attribute_accuracy(classifier.predict(real.images), real.labels)
     assert acc["colour"] > 0.9 and acc["layout"] > 0.9 and acc["all"] > 0.3
+
+
+def test_shape_regions_mark_where_the_shapes_differ_whatever_is_drawn():
+    """``world.shape_region``: the pixels where a circle, a square and a triangle of one place and size differ
+    (a square's corner, not the middle or the background), the same map whichever is drawn; asking for the
+    regions draws the same images."""
+    plain, with_regions = world.sample(200, 4), world.sample(200, 4, regions=True)
+    assert plain.regions is None and torch.equal(plain.images, with_regions.images)
+    regions = with_regions.regions
+    assert regions.shape == (200, 1, 16, 16) and 0 <= regions.min() and regions.max() <= 1
+    assert 0.03 < regions.mean() < 0.3  # a few corners and edges of each object
+    centre, half = torch.tensor([8.0]), torch.tensor([3.5])
+    region = world.shape_region(centre, centre, half)[0]
+    assert region[5, 5] > 0.5 and region[8, 8] == 0 and region[0, 0] == 0  # corner, middle, background
+    for shape in range(len(world.SHAPES)):  # the region does not depend on the shape drawn
+        labels = {"layout": torch.tensor([0]), "colour": torch.tensor([0]), "shape": torch.tensor([shape]),
+                  "size": torch.tensor([1]), "position": torch.tensor([4]), "colour_2": torch.tensor([-1]),
+                  "shape_2": torch.tensor([-1]), "background": torch.tensor([0])}
+        drawn = world._draw(labels, torch.Generator().manual_seed(0), regions=True)[1]
+        if shape == 0:
+            first = drawn
+        assert torch.equal(drawn, first)
+    pair = with_regions.labels["layout"] > 0
+    left = regions[pair & (with_regions.labels["layout"] == 1)][..., :8].flatten(1).amax(1)
+    right = regions[pair & (with_regions.labels["layout"] == 1)][..., 8:].flatten(1).amax(1)
+    assert bool((left > 0.5).all() and (right > 0.5).all())  # both objects of a pair

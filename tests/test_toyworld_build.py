@@ -193,7 +193,7 @@ def test_a_teacher_without_its_parts_is_refused_in_one_line(tmp_path, capsys):
 def test_the_teacher_stage_on_two_processes_trains_the_one_process_teacher(tmp_path):
     """``teacher_workers = 2`` trains the teacher through torchrun and the training CLI, the global batch split
     over two one-thread processes: the same draws, so the same teacher as in this process up to the order of
-    the gradient sum."""
+    the gradient sum (the region weight too: its divisor is the pool's, not a rank's)."""
     import shutil
 
     from safetensors.torch import load_file
@@ -203,6 +203,7 @@ def test_the_teacher_stage_on_two_processes_trains_the_one_process_teacher(tmp_p
     two = tmp_path / "two"
     shutil.copytree(one, two)
     preset = build.PRESETS["ci"]
+    preset = replace(preset, teacher={**preset.teacher, "region_weight": 10.0})
     for out, workers in ((one, 1), (two, 2)):
         build.build(out, replace(preset, teacher_workers=workers), progress=False, until="teacher", resume=True,
                     log=lambda _: None)

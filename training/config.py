@@ -309,6 +309,9 @@ class TeacherConfig:
     logit_normal_mean: float = allowed(0.0, numbers=Range())  # sigma = sigmoid(N(mean, std)) (SD3's sampling)
     logit_normal_std: float = allowed(1.0, numbers=POSITIVE)
     caption_dropout: float = allowed(0.1, numbers=PROBABILITY)  # per sample: the empty caption (CFG's null prompt)
+    # the loss weight is 1 + region_weight x the dataset's region map (toyworld: where its shapes differ), over
+    # its mean on the dataset; 0: plain rectified flow (a folder dataset has no region maps)
+    region_weight: float = allowed(0.0, numbers=NON_NEGATIVE)
     ema_decay: float = allowed(0.999, numbers=DECAY)  # the EMA is what is saved; warmed up as min(decay, (1 + n) / (10 + n))
     # a checkpoint whose MM-DiT (of this architecture) the teacher starts from instead of a fresh init: to
     # fine-tune a trained teacher, e.g. on another sigma density; "" trains from scratch

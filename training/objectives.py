@@ -196,11 +196,15 @@ def score_x0(score: VelocityFn, x: torch.Tensor, sigma: torch.Tensor) -> torch.T
     return x0_from_velocity(x, score(x, sigma), sigma)
 
 
-def flow_matching_loss(model: VelocityFn, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The fake score's loss on detached student samples: ``||v(x_s, s) - (eps - x0)||^2`` (rectified flow)."""
+def flow_matching_loss(model: VelocityFn, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The rectified-flow loss ``||v(x_s, s) - (eps - x0)||^2`` on detached ``x0`` (the teacher's data, the fake
+    score's student samples); ``weight``, broadcast against the latents (``[B, 1, h, w]``), scales each squared
+    error (the teacher's region weight: docs/toyworld.md "Teacher")."""
     x0 = x0.detach()
     x = noised(x0, eps, sigma)
-    return (model(x, sigma).float() - (eps - x0).float()).pow(2).mean()
+    error = (model(x, sigma).float() - (eps - x0).float()).pow(2)
+    return (error if weight is None else error * weight).mean()
 
 
 # ---------------------------------------------------------------------------------- Stage C: EMA and merging

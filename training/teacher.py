@@ -15,6 +15,7 @@ The stage itself is :mod:`.stages.teacher`; this module prepares what it samples
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +35,21 @@ NULL_CAPTION = ""
 
 @dataclass
 class CaptionedImages:
-    """Images ``[N, 3, S, S]`` in [-1, 1] and their captions."""
+    """Images ``[N, 3, S, S]`` in [-1, 1], their captions and, when the dataset knows them, region maps
+    ``[N, 1, S, S]`` in [0, 1]: the pixels that decide what the picture shows, which ``teacher.region_weight``
+    weights in the loss (the toy world's are its shape regions: docs/toyworld.md "Teacher")."""
 
     images: torch.Tensor
     captions: list[str]
+    regions: torch.Tensor | None = None
 
     def __post_init__(self):
         if len(self.images) != len(self.captions) or len(self.images) == 0:
             raise ValueError(f"a dataset needs as many captions as images (at least one), got "
                              f"{len(self.images)} images and {len(self.captions)} captions")
+        if self.regions is not None and self.regions.shape != (len(self.images), 1, *self.images.shape[2:]):
+            raise ValueError(f"region maps must be [N, 1, H, W] beside images {tuple(self.images.shape)}, "
+                             f"got {tuple(self.regions.shape)}")
 
 
 DatasetSource = Callable[[int, int, int], CaptionedImages]  # (count, seed, image_size) -> the dataset
@@ -106,8 +113,9 @@ def encode_latents(vae, images: torch.Tensor, chunk: int = 256, progress: bool =
 
 @dataclass
 class LatentPool:
-    """What the teacher stage samples: latents ``[N, 16, h, w]`` (model space), each sample's caption index, and
-    the caption table's unpadded conditioning (``clip``, ``pooled``; ``t5``, ``pooled_t5`` when there is T5)."""
+    """What the teacher stage samples: latents ``[N, 16, h, w]`` (model space), each sample's caption index, the
+    caption table's unpadded conditioning (``clip``, ``pooled``; ``t5``, ``pooled_t5`` when there is T5), and the
+    dataset's region maps at latent size ``[N, 1, h, w]`` (max-pooled over each latent pixel's patch) or None."""
 
     latents: torch.Tensor
     caption_index: torch.Tensor
@@ -115,6 +123,7 @@ class LatentPool:
     conditioning: dict[str, torch.Tensor]
     clip_l_width: int
     has_t5: bool
+    regions: torch.Tensor | None = None
 
     @classmethod
     def build(cls, dataset: CaptionedImages, vae, text_encoder, progress: bool = False,
@@ -137,10 +146,27 @@ class LatentPool:
                     parts["t5"].append(t5.cpu())
                     parts["pooled_t5"].append(pooled_t5.cpu())
         conditioning = {k: torch.cat(v) for k, v in parts.items() if v}
-        return cls(latents, index, captions, conditioning, widths[2], has_t5)
+        regions = None
+        if dataset.regions is not None:
+            regions = torch.nn.functional.adaptive_max_pool2d(dataset.regions.float(), latents.shape[-2:])
+        return cls(latents, index, captions, conditioning, widths[2], has_t5, regions)
 
     def __len__(self) -> int:
         return len(self.latents)
+
+    @functools.cached_property
+    def region_mean(self) -> float:
+        """The region maps' mean over the whole pool (0 without maps): what the region weight is divided by."""
+        return 0.0 if self.regions is None else float(self.regions.mean())
+
+    def region_weights(self, rows: torch.Tensor, region_weight: float) -> torch.Tensor | None:
+        """``(1 + region_weight * map) / (1 + region_weight * region_mean)`` of these rows (``[B, 1, h, w]``): a
+        constant divisor, so the loss is the same on any number of processes; None when ``region_weight`` is 0."""
+        if not region_weight:
+            return None
+        if self.regions is None:
+            raise ValueError("the dataset has no region maps to weight")
+        return (1 + region_weight * self.regions[rows]) / (1 + region_weight * self.region_mean)
 
     @property
     def null_index(self) -> int:

@@ -57,6 +57,9 @@ def latent_pool(trainer: Driver, files: CheckpointFiles, vae) -> LatentPool:
     config = trainer.config
     cfg = config.teacher
     dataset = load_dataset(cfg.dataset, cfg.dataset_size, cfg.image_size, config.train.seed, trainer.datasets)
+    if cfg.region_weight and dataset.regions is None:
+        raise ConfigError(f"teacher.region_weight: the dataset '{cfg.dataset}' has no region maps (the toy world "
+                          f"has them); set it to 0")
     text_encoder = TripleTextEncoder.from_state_dicts(
         **{slot: component_state_dict(files, slot) if files.has(slot) else None
            for slot in ("clip_l", "clip_g", "t5")},
@@ -97,7 +100,8 @@ def initial_teacher(config: Config, device: torch.device) -> MMDiT:
 def flow_matching_step(config: Config, world: World, model, pool: LatentPool,
                        generator: torch.Generator) -> torch.Tensor:
     """The rectified-flow loss ``||v(x_s, s) - (eps - x0)||^2`` on a global batch drawn with ``generator``
-    (logit-normal sigmas, caption dropout to the null prompt, T5 and CLIP dropout), on this rank's slice."""
+    (logit-normal sigmas, caption dropout to the null prompt, T5 and CLIP dropout, the region weight), on this
+    rank's slice."""
     cfg, drop, d = config.teacher, config.dropout, world.device
     b = cfg.batch_size
     rows = torch.randint(len(pool), (b,), generator=generator)
@@ -112,7 +116,9 @@ def flow_matching_step(config: Config, world: World, model, pool: LatentPool,
     local = world.local
     context, pooled = pool.conditioning_for(local(captions), use_t5, local(drop_l), local(drop_g))
     v = velocity_fn(model, context.to(d), pooled.to(d), config.train.autocast == "bf16")
-    return obj.flow_matching_loss(v, local(pool.latents[rows]).to(d), local(eps).to(d), local(sigma).to(d))
+    weight = pool.region_weights(local(rows), cfg.region_weight)
+    return obj.flow_matching_loss(v, local(pool.latents[rows]).to(d), local(eps).to(d), local(sigma).to(d),
+                                  None if weight is None else weight.to(d))
 
 
 @torch.no_grad()

@@ -796,8 +796,9 @@ def teacher_card(b: Build, checkpoint: Path) -> str:
         f"{recipe.get('batch_size')}, {recipe.get('dataset_size')} scenes, depth {recipe.get('depth')}, hidden "
         f"{recipe.get('hidden_size')}, patch {recipe.get('patch_size', 2)}, training sigmas `sigmoid(N("
         f"{recipe.get('logit_normal_mean', 0.0)}, {recipe.get('logit_normal_std', 1.0)}))`, AdamW lr "
-        f"{optim.get('lr')} ({optim.get('schedule', 'constant')}, warm-up {optim.get('warmup_steps', 0)}), EMA "
-        f"{recipe.get('ema_decay', 0.999)}, on {record.get('workers', 1)} "
+        f"{optim.get('lr')} ({optim.get('schedule', 'constant')}, warm-up {optim.get('warmup_steps', 0)}), "
+        + (f"shape-region loss weight {recipe['region_weight']:g}, " if recipe.get("region_weight") else "")
+        + f"EMA {recipe.get('ema_decay', 0.999)}, on {record.get('workers', 1)} "
         f"{'process' if record.get('workers', 1) == 1 else 'processes'} of one thread: "
         f"{record.get('training_seconds', record['seconds']) / 60:.1f} min on a 2-core CPU.", "",
     ]

@@ -14,11 +14,11 @@ NAME = "toyworld"
 
 
 def toyworld_images(count: int, seed: int, image_size: int = world.IMAGE_SIZE) -> CaptionedImages:
-    """``count`` toy-world scenes (docs/toyworld.md "World") drawn with ``seed``."""
+    """``count`` toy-world scenes (docs/toyworld.md "World") drawn with ``seed``, with their shape regions."""
     if image_size != world.IMAGE_SIZE:
         raise ConfigError(f"teacher.image_size: the toy world is {world.IMAGE_SIZE} px, got {image_size}")
-    batch = world.sample(count, seed)
-    return CaptionedImages(batch.images, batch.captions)
+    batch = world.sample(count, seed, regions=True)
+    return CaptionedImages(batch.images, batch.captions, batch.regions)
 
 
 DATASETS: Mapping[str, DatasetSource] = {NAME: toyworld_images}

@@ -130,6 +130,16 @@ def attribute_accuracy(pred: dict[str, torch.Tensor], labels: dict[str, torch.Te
     return out
 
 
+def shape_accuracy(pred: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{shape name: how often an object asked to be that shape (either object of a scene) is read as it}: where
+    ``shape`` and ``shape_2`` lose their accuracy (a circle drawn as a square reads differently from a triangle
+    drawn as anything); shapes no label asks for are left out."""
+    asked = torch.cat([labels["shape"], labels["shape_2"]])
+    drawn = torch.cat([pred["shape"].to(asked.device), pred["shape_2"].to(asked.device)])
+    return {name: (drawn[asked == k] == k).float().mean().item()
+            for k, name in enumerate(world.SHAPES) if bool((asked == k).any())}
+
+
 def paired_mse(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean squared difference of paired samples (same prompt, same noise), over every element."""
     if a.shape != b.shape:

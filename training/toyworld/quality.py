@@ -219,7 +219,8 @@ def rows_figure(result: dict, real_path: Path | None = None, label_width: int = 
 # ------------------------------------------------------------------------------------------------ teacher probe
 
 PROBE_REAL_SEED = 7  # the probe's real images: a seed of their own (the floor's second draw is PROBE_REAL_SEED + 1)
-PROBE_COLUMNS = ("shape", "colour", "position", "colour_2", "shape_2", "size", "layout", "all")
+# the accuracy per attribute, then per asked shape (evaluator.shape_accuracy)
+PROBE_COLUMNS = ("shape", "colour", "position", "colour_2", "shape_2", "size", "layout", "all", *world.SHAPES)
 
 
 def frozen_parts(build_dir: str | Path):
@@ -258,13 +259,15 @@ class TeacherProbe:
                                                   PROBE_REAL_SEED + 1)
 
     def __call__(self, mmdit: torch.nn.Module) -> dict[str, float]:
-        """``{attribute: accuracy, ... (PROBE_COLUMNS order), "fd_real", "floor"}`` of ``mmdit``'s samples."""
+        """``{attribute or asked shape: accuracy, ... (PROBE_COLUMNS order), "fd_real", "floor"}`` of ``mmdit``'s
+        samples."""
         from ...flash_core.checkpoint import FlashMetadata
 
         pipe = FlashPipeline(mmdit.eval(), self.vae, self.text, FlashMetadata(), "cpu",
                              downscale_factor=self.downscale)
         images = generate(pipe, self.prompts, self.steps, self.cfg, True)
-        accuracy = evaluator.attribute_accuracy(self.classifier.predict(images), self.labels)
+        pred = self.classifier.predict(images)
+        accuracy = {**evaluator.attribute_accuracy(pred, self.labels), **evaluator.shape_accuracy(pred, self.labels)}
         accuracy = {k: accuracy[k] for k in PROBE_COLUMNS if k in accuracy}
         return {**accuracy, "fd_real": evaluator.frechet_distance(self.classifier.features(images),
                                                                   self.real_features), "floor": self.floor}

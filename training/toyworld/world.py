@@ -69,11 +69,13 @@ PAIR_RATE = 0.5
 
 @dataclass
 class ToyBatch:
-    """Images [N, 3, 16, 16] in [-1, 1], their captions, and their attribute labels ({name: LongTensor [N]})."""
+    """Images [N, 3, 16, 16] in [-1, 1], their captions, their attribute labels ({name: LongTensor [N]}) and,
+    when asked for, their shape regions."""
 
     images: torch.Tensor
     captions: list[str]
     labels: dict[str, torch.Tensor]
+    regions: torch.Tensor | None = None  # [N, 1, 16, 16] shape regions (:func:`shape_regions`), when asked for
 
 
 # --------------------------------------------------------------------------------------------- vocabulary
@@ -264,10 +266,29 @@ def _colours(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (COLOUR_RGB[index.clamp(min=0)] + jitter).clamp(0.0, 1.0)[:, :, None, None]
 
 
+def shape_region(cx: torch.Tensor, cy: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """[N, 16, 16] in [0, 1]: where a circle, a square and a triangle of this centre and half-size differ (the
+    largest difference of any two of their coverages). It is the same map whichever shape is drawn there: the
+    pixels that tell the shapes apart, a few corners and edges of each object."""
+    shapes = [_coverage(torch.full_like(cx, k, dtype=torch.long), cx, cy, half) for k in range(len(SHAPES))]
+    region = torch.zeros_like(shapes[0])
+    for i in range(len(shapes)):
+        for j in range(i + 1, len(shapes)):
+            region = torch.maximum(region, (shapes[i] - shapes[j]).abs())
+    return region
+
+
 def render(labels: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
     """Images [N, 3, 16, 16] in [-1, 1] of scenes with these attribute labels; the free parameters (exact
     positions, sizes, colour jitter, background) are drawn from ``generator``. A label of -1 for ``size`` or
     ``background`` (left open by a caption) is drawn too."""
+    return _draw(labels, generator, regions=False)[0]
+
+
+def _draw(labels: dict[str, torch.Tensor], generator: torch.Generator,
+          regions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`render`'s images and, with ``regions``, the scenes' shape regions ``[N, 1, 16, 16]`` (the larger
+    of the two objects' :func:`shape_region`); the regions draw nothing from ``generator``."""
     n = labels["layout"].shape[0]
     pair = labels["layout"] > 0
     size = torch.where(labels["size"] >= 0, labels["size"], _randint(len(SIZES), n, generator))
@@ -284,17 +305,21 @@ def render(labels: dict[str, torch.Tensor], generator: torch.Generator) -> torch
     image = image * (1 - first) + _colours(labels["colour"], generator) * first
     second = _coverage(labels["shape_2"].clamp(min=0), qx, qy, half_2)[:, None] * pair[:, None, None, None]
     image = image * (1 - second) + _colours(labels["colour_2"], generator) * second
-    return image * 2 - 1
+    if not regions:
+        return image * 2 - 1, None
+    region = torch.maximum(shape_region(cx, cy, half), shape_region(qx, qy, half_2) * pair[:, None, None])
+    return image * 2 - 1, region[:, None]
 
 
-def sample(n: int, generator: torch.Generator | int) -> ToyBatch:
-    """``n`` random scenes: images, captions and attribute labels. ``generator`` may be a seed."""
+def sample(n: int, generator: torch.Generator | int, regions: bool = False) -> ToyBatch:
+    """``n`` random scenes: images, captions, attribute labels and, with ``regions``, shape regions (the same
+    images either way). ``generator`` may be a seed."""
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
     labels = sample_labels(n, generator)
     texts = captions(labels)
-    images = render(labels, generator)
-    return ToyBatch(images, texts, {k: labels[k] for k in ATTRIBUTES})
+    images, region = _draw(labels, generator, regions)
+    return ToyBatch(images, texts, {k: labels[k] for k in ATTRIBUTES}, region)
 
 
 def sample_images(n: int, generator: torch.Generator) -> torch.Tensor:
