@@ -75,7 +75,7 @@ class ToyBatch:
     images: torch.Tensor
     captions: list[str]
     labels: dict[str, torch.Tensor]
-    regions: torch.Tensor | None = None  # [N, 1, 16, 16] shape regions (:func:`shape_regions`), when asked for
+    regions: torch.Tensor | None = None  # [N, 1, 16, 16] shape regions (:func:`shape_region`), when asked for
 
 
 # --------------------------------------------------------------------------------------------- vocabulary
@@ -268,14 +268,11 @@ def _colours(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def shape_region(cx: torch.Tensor, cy: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
     """[N, 16, 16] in [0, 1]: where a circle, a square and a triangle of this centre and half-size differ (the
-    largest difference of any two of their coverages). It is the same map whichever shape is drawn there: the
-    pixels that tell the shapes apart, a few corners and edges of each object."""
-    shapes = [_coverage(torch.full_like(cx, k, dtype=torch.long), cx, cy, half) for k in range(len(SHAPES))]
-    region = torch.zeros_like(shapes[0])
-    for i in range(len(shapes)):
-        for j in range(i + 1, len(shapes)):
-            region = torch.maximum(region, (shapes[i] - shapes[j]).abs())
-    return region
+    largest difference of any two of their coverages: max minus min). It is the same map whichever shape is drawn
+    there: the pixels that tell the shapes apart, a few corners and edges of each object."""
+    shapes = torch.stack([_coverage(torch.full_like(cx, k, dtype=torch.long), cx, cy, half)
+                          for k in range(len(SHAPES))])
+    return shapes.amax(0) - shapes.amin(0)
 
 
 def render(labels: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
